@@ -1,0 +1,61 @@
+"""based: BASED attention kernels (Arora et al., ICML 2024) for PyTorch, NumPy, CuPy and JAX.
+
+BASED mixes two cheap attentions: 2nd-order Taylor linear attention (global, fixed-size
+recurrent state) and sliding-window softmax attention (exact, local). This package runs
+their prefill and decode through a C core (and CUDA kernels where built), taking and
+returning any DLPack array without copies. SPEC.md is the contract.
+"""
+
+from . import _C
+from ._arrays import parse_device as _parse_device
+from .feature_map import feature_dim, taylor_feature_map
+
+__version__ = _C.__version__
+
+Buffer = _C.Buffer
+
+
+def cuda_available() -> bool:
+    """True if CUDA ops can run: the extension was built with nvcc and a CUDA device is usable.
+
+    Never raises; False on machines without a GPU or driver.
+    """
+    return bool(_C.build_info()["cuda"]) and _C.cuda_device_count() > 0
+
+
+def build_info() -> dict:
+    """How this extension was built: version, CUDA (and archs), OpenMP and CPU threads."""
+    info = dict(_C.build_info())
+    info["cuda_devices"] = _C.cuda_device_count()
+    return info
+
+
+def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
+    """A zero-filled ``based.Buffer``: memory owned by based, viewable without a copy.
+
+    Args:
+        shape: sequence of non-negative ints.
+        dtype: 'float32', 'float64', 'float16', 'bfloat16' or 'int64'.
+        device: 'cpu', 'cuda' or 'cuda:N' (CUDA needs a CUDA build and a GPU).
+
+    Returns:
+        A ``based.Buffer``; ``numpy.from_dlpack``, ``torch.from_dlpack``,
+        ``cupy.from_dlpack`` and ``jax.dlpack.from_dlpack`` view it zero-copy, and those
+        views keep the memory alive after the Buffer is gone. Host memory is 256-byte aligned.
+
+    Raises:
+        TypeError: unknown dtype. ValueError: bad shape or device.
+        NotImplementedError: a CUDA device in a build without CUDA. MemoryError.
+    """
+    return _C.zeros(tuple(int(s) for s in shape), dtype, *_parse_device(device))
+
+
+__all__ = [
+    "__version__",
+    "Buffer",
+    "build_info",
+    "cuda_available",
+    "feature_dim",
+    "taylor_feature_map",
+    "zeros",
+]

@@ -1,0 +1,37 @@
+"""Command line: ``python -m based <command>``; ``python -m based --help`` lists them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args) -> int:
+    import based
+
+    info = based.build_info()
+    info["cuda_available"] = based.cuda_available()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m based", description="based: BASED attention kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    info = sub.add_parser("info", help="print how this build of based was made (CUDA, OpenMP, version)")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Array-library plumbing: describe any DLPack array and allocate results in the caller's
+own array type (torch in -> torch out, numpy in -> numpy out), on the caller's device.
+
+based never imports torch itself: a torch tensor can only reach us if torch is already
+imported, so ``sys.modules`` is enough to recognise one.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _C
+
+FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_HOST = 1, 2, 3
+
+
+class ArrayInfo(NamedTuple):
+    shape: tuple
+    dtype: str          # "float32", ..., or the library's own name for an unsupported dtype
+    device: tuple       # DLPack (device_type, device_id)
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def is_torch(x: Any) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def torch_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def info(x: Any, name: str) -> ArrayInfo:
+    """Shape, dtype name and DLPack device of x, without copying it.
+
+    Raises TypeError (naming ``name``) when x is not a DLPack array.
+    """
+    if is_torch(x):
+        dev = x.device
+        if dev.type == "cuda":
+            device = (DLPACK_CUDA, dev.index if dev.index is not None else 0)
+        elif dev.type == "cpu":
+            device = (DLPACK_CPU, 0)
+        else:
+            device = (-1, 0)
+        return ArrayInfo(tuple(x.shape), torch_dtype_name(x.dtype), device)
+    if isinstance(x, np.ndarray):
+        return ArrayInfo(x.shape, x.dtype.name, (DLPACK_CPU, 0))
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(
+            f"{name} must be an array implementing the DLPack protocol (__dlpack__ and "
+            f"__dlpack_device__), such as a torch.Tensor or numpy.ndarray; got {type(x).__name__}"
+        )
+    shape, dtype, device, _readonly = _C.dlpack_info(x)
+    return ArrayInfo(shape, dtype, device)
+
+
+def require_float(i: ArrayInfo, name: str) -> None:
+    if i.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype one of {', '.join(FLOAT_DTYPES)}, got {i.dtype}")
+
+
+def require_no_grad(x: Any, name: str) -> None:
+    if is_torch(x) and x.requires_grad:
+        raise TypeError(
+            f"{name} requires grad, but based kernels have no backward pass yet; pass {name}.detach() "
+            "or call under torch.no_grad()"
+        )
+
+
+def _as_library(like: Any, buf: Any) -> Any:
+    """View a based.Buffer as like's array type (zero-copy), or return the Buffer."""
+    if like is None or isinstance(like, _C.Buffer):
+        return buf
+    if is_torch(like):
+        return _torch().from_dlpack(buf)
+    if isinstance(like, np.ndarray):
+        return np.from_dlpack(buf)
+    namespace = getattr(like, "__array_namespace__", None)
+    if namespace is not None:
+        try:
+            return namespace().from_dlpack(buf)
+        except Exception:  # a library that cannot import it: hand back our own buffer
+            return buf
+    return buf
+
+
+def _torch_device(like, device):
+    if device is None:
+        return like.device
+    return device_name(device) if isinstance(device, tuple) else device
+
+
+def _alloc(like: Any, shape: tuple, dtype: str, device, fill_zero: bool) -> Any:
+    if is_torch(like):
+        torch = _torch()
+        make = torch.zeros if fill_zero else torch.empty
+        return make(shape, dtype=getattr(torch, dtype), device=_torch_device(like, device))
+    dev = parse_device(device) if device is not None else (
+        info(like, "like").device if like is not None else (DLPACK_CPU, 0))
+    if isinstance(like, np.ndarray) and dtype != "bfloat16" and dev[0] == DLPACK_CPU:
+        return (np.zeros if fill_zero else np.empty)(shape, dtype=dtype)
+    return _as_library(like, _C.zeros(tuple(shape), dtype, *dev))
+
+
+def empty(like: Any, shape: tuple, dtype: str, device=None) -> Any:
+    """An uninitialised array of like's type (torch, numpy, else via DLPack) on `device`
+    (a DLPack (type, id) tuple, a string like 'cuda:0', or None for like's device)."""
+    return _alloc(like, shape, dtype, device, False)
+
+
+def zeros(like: Any, shape: tuple, dtype: str, device=None) -> Any:
+    """A zero-filled array like `empty`; like=None gives a based.Buffer."""
+    return _alloc(like, shape, dtype, device, True)
+
+
+def parse_device(device) -> tuple:
+    """'cpu', 'cuda', 'cuda:1', a torch.device or a DLPack (type, id) tuple -> (type, id)."""
+    if isinstance(device, tuple) and len(device) == 2:
+        return (int(device[0]), int(device[1]))
+    text = str(device)
+    if text == "cpu":
+        return (DLPACK_CPU, 0)
+    if text == "cuda":
+        return (DLPACK_CUDA, 0)
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return (DLPACK_CUDA, int(text[5:]))
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def device_name(device: tuple) -> str:
+    if device[0] in (DLPACK_CPU, DLPACK_CUDA_HOST):
+        return "cpu"
+    if device[0] == DLPACK_CUDA:
+        return f"cuda:{device[1]}"
+    return f"dlpack device {device}"
+
+
+def default_scale(dim: int) -> float:
+    return 1.0 / math.sqrt(dim)

@@ -1,0 +1,453 @@
+/*
+ * core.c -- errors, build information, DLTensor validation and dtype conversion:
+ * the checks every op runs before it writes (SPEC 4).
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+#ifdef BASED_WITH_CUDA
+#include "../kernels/based_cuda.h"
+#endif
+
+/* ---------------------------------------------------------------------------------
+ * Errors
+ * --------------------------------------------------------------------------------- */
+
+static _Thread_local char based_errbuf[1024];
+
+const char *based_status_str(based_status status) {
+    switch (status) {
+    case BASED_STATUS_OK: return "ok";
+    case BASED_STATUS_TYPE_ERROR: return "type error";
+    case BASED_STATUS_VALUE_ERROR: return "value error";
+    case BASED_STATUS_OUT_OF_MEMORY: return "out of memory";
+    case BASED_STATUS_NOT_IMPLEMENTED: return "not implemented";
+    case BASED_STATUS_CUDA_ERROR: return "CUDA error";
+    case BASED_STATUS_INTERNAL_ERROR: return "internal error";
+    }
+    return "unknown status";
+}
+
+const char *based_last_error(void) { return based_errbuf; }
+
+void based_clear_error(void) { based_errbuf[0] = '\0'; }
+
+based_status based_fail(based_status status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(based_errbuf, sizeof based_errbuf, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+/* ---------------------------------------------------------------------------------
+ * Build information
+ * --------------------------------------------------------------------------------- */
+
+const char *based_version(void) { return BASED_VERSION; }
+
+int based_built_with_cuda(void) {
+#ifdef BASED_WITH_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int based_cuda_device_count(void) {
+#ifdef BASED_WITH_CUDA
+    return based_cuda_runtime_device_count();
+#else
+    return 0;
+#endif
+}
+
+int based_built_with_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int based_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int based_threads_for(int64_t work) {
+    int n = based_max_threads();
+    if (work < n) n = work < 1 ? 1 : (int)work;
+    return n;
+}
+
+/* ---------------------------------------------------------------------------------
+ * dtypes
+ * --------------------------------------------------------------------------------- */
+
+const char *based_dtype_name(based_dtype dt) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT32: return "float32";
+    case BASED_DTYPE_FLOAT64: return "float64";
+    case BASED_DTYPE_FLOAT16: return "float16";
+    case BASED_DTYPE_BFLOAT16: return "bfloat16";
+    case BASED_DTYPE_INT64: return "int64";
+    default: return "?";
+    }
+}
+
+int based_dtype_size(based_dtype dt) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT32: return 4;
+    case BASED_DTYPE_FLOAT64: return 8;
+    case BASED_DTYPE_FLOAT16: return 2;
+    case BASED_DTYPE_BFLOAT16: return 2;
+    case BASED_DTYPE_INT64: return 8;
+    default: return 0;
+    }
+}
+
+static const char *dl_code_name(uint8_t code) {
+    switch (code) {
+    case kDLInt: return "int";
+    case kDLUInt: return "uint";
+    case kDLFloat: return "float";
+    case kDLBfloat: return "bfloat";
+    case kDLComplex: return "complex";
+    case kDLBool: return "bool";
+    case kDLOpaqueHandle: return "opaque handle";
+    default: return "float8/6/4 or unknown";
+    }
+}
+
+static int dtype_from_dl(DLDataType t, based_dtype *out) {
+    if (t.lanes != 1) return 0;
+    if (t.code == kDLFloat && t.bits == 32) *out = BASED_DTYPE_FLOAT32;
+    else if (t.code == kDLFloat && t.bits == 64) *out = BASED_DTYPE_FLOAT64;
+    else if (t.code == kDLFloat && t.bits == 16) *out = BASED_DTYPE_FLOAT16;
+    else if (t.code == kDLBfloat && t.bits == 16) *out = BASED_DTYPE_BFLOAT16;
+    else if (t.code == kDLInt && t.bits == 64) *out = BASED_DTYPE_INT64;
+    else return 0;
+    return 1;
+}
+
+/* IEEE binary16 <-> binary32 with round-to-nearest-even, written out so that the
+ * build needs neither _Float16 nor F16C. */
+float based_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t u;
+    float f;
+    if (exp == 0) {
+        f = (float)mant * 5.9604644775390625e-8f; /* subnormal: mant * 2^-24 (exact) */
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (mant << 13);
+    } else {
+        u = sign | ((exp + 112u) << 23) | (mant << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+uint16_t based_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;        /* NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00u;       /* >= 65520 rounds to inf */
+    if (a >= 0x38800000u) {                            /* normal half */
+        uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+        r -= 0x38000000u;                              /* rebias 127 -> 15 */
+        return sign | (uint16_t)(r >> 13);
+    }
+    uint32_t e = a >> 23;                              /* subnormal half or zero */
+    if (e < 102) return sign;                          /* below 2^-25: rounds to zero */
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;                          /* 14..24 */
+    uint32_t r = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u);
+    uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) r++;
+    return sign | (uint16_t)r;
+}
+
+void based_gather_f32(float *dst, const char *p, based_dtype dt, int64_t n, int64_t stride) {
+    if (dt == BASED_DTYPE_FLOAT32) {
+        const float *s = (const float *)p;
+        if (stride == 1) memcpy(dst, s, (size_t)n * sizeof(float));
+        else for (int64_t i = 0; i < n; i++) dst[i] = s[i * stride];
+    } else {
+        for (int64_t i = 0; i < n; i++) dst[i] = based_load_f32(p, dt, i * stride);
+    }
+}
+
+void based_gather_f64(double *dst, const char *p, based_dtype dt, int64_t n, int64_t stride) {
+    for (int64_t i = 0; i < n; i++) dst[i] = based_load_f64(p, dt, i * stride);
+}
+
+void based_scatter_f32(char *p, based_dtype dt, int64_t n, int64_t stride, const float *src) {
+    if (dt == BASED_DTYPE_FLOAT32) {
+        float *d = (float *)p;
+        if (stride == 1) memcpy(d, src, (size_t)n * sizeof(float));
+        else for (int64_t i = 0; i < n; i++) d[i * stride] = src[i];
+    } else {
+        for (int64_t i = 0; i < n; i++) based_store_f32(p, dt, i * stride, src[i]);
+    }
+}
+
+void based_scatter_f64(char *p, based_dtype dt, int64_t n, int64_t stride, const double *src) {
+    for (int64_t i = 0; i < n; i++) based_store_f64(p, dt, i * stride, src[i]);
+}
+
+void *based_scratch_alloc(size_t nbytes) {
+    if (nbytes == 0) return NULL;
+    size_t rounded = (nbytes + 63u) & ~(size_t)63u;
+    if (rounded < nbytes) return NULL;
+    return aligned_alloc(64, rounded);
+}
+
+void based_scratch_free(void *p) { free(p); }
+
+/* ---------------------------------------------------------------------------------
+ * Views and checks
+ * --------------------------------------------------------------------------------- */
+
+const char *based_format_shape(const based_view *v, char *buf, size_t size) {
+    size_t n = 0;
+    n += (size_t)snprintf(buf + n, size - n, "(");
+    for (int32_t i = 0; i < v->ndim && n < size; i++)
+        n += (size_t)snprintf(buf + n, size - n, i ? ", %lld" : "%lld", (long long)v->shape[i]);
+    if (n < size) snprintf(buf + n, size - n, v->ndim == 1 ? ",)" : ")");
+    return buf;
+}
+
+based_status based_view_init(based_view *v, const DLTensor *t, const char *name) {
+    memset(v, 0, sizeof *v);
+    v->name = name;
+    if (t == NULL) return based_fail(BASED_STATUS_VALUE_ERROR, "%s: expected a tensor, got NULL", name);
+    if (t->ndim < 0 || t->ndim > BASED_MAX_NDIM)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "%s: expected at most %d dimensions, got %d", name,
+                          BASED_MAX_NDIM, (int)t->ndim);
+    if (t->ndim > 0 && t->shape == NULL)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "%s: DLTensor.shape is NULL for ndim %d", name, (int)t->ndim);
+    if (!dtype_from_dl(t->dtype, &v->dtype))
+        return based_fail(BASED_STATUS_TYPE_ERROR,
+                          "%s has an unsupported dtype (%s, %d bits, %d lanes); expected float32, float64, "
+                          "float16 or bfloat16",
+                          name, dl_code_name(t->dtype.code), (int)t->dtype.bits, (int)t->dtype.lanes);
+    v->itemsize = based_dtype_size(v->dtype);
+    v->ndim = t->ndim;
+    v->device = t->device;
+    int64_t numel = 1;
+    for (int32_t i = 0; i < t->ndim; i++) {
+        if (t->shape[i] < 0)
+            return based_fail(BASED_STATUS_VALUE_ERROR, "%s: dimension %d has negative size %lld", name, (int)i,
+                              (long long)t->shape[i]);
+        v->shape[i] = t->shape[i];
+        if (__builtin_mul_overflow(numel, t->shape[i], &numel))
+            return based_fail(BASED_STATUS_VALUE_ERROR,
+                              "%s: element count overflows 64-bit indexing (dimension %d of size %lld)", name,
+                              (int)i, (long long)t->shape[i]);
+    }
+    /* strides: NULL means row-major */
+    if (t->ndim > 0 && t->strides == NULL) {
+        int64_t s = 1;
+        for (int32_t i = t->ndim - 1; i >= 0; i--) {
+            v->strides[i] = s;
+            if (t->shape[i] > 1) s *= t->shape[i]; /* cannot overflow: s <= numel */
+        }
+    } else {
+        for (int32_t i = 0; i < t->ndim; i++) v->strides[i] = t->strides[i];
+    }
+    v->numel = numel;
+    v->lo = v->hi = 0;
+    if (numel > 0) {
+        for (int32_t i = 0; i < t->ndim; i++) {
+            int64_t span;
+            if (__builtin_mul_overflow(v->strides[i], v->shape[i] - 1, &span) ||
+                __builtin_add_overflow(span < 0 ? v->lo : v->hi, span, span < 0 ? &v->lo : &v->hi))
+                return based_fail(BASED_STATUS_VALUE_ERROR,
+                                  "%s: strides address memory beyond 64-bit indexing (axis %d, stride %lld)", name,
+                                  (int)i, (long long)v->strides[i]);
+        }
+        int64_t tmp;
+        if (__builtin_mul_overflow(v->hi + 1, (int64_t)v->itemsize, &tmp) ||
+            __builtin_mul_overflow(v->lo, (int64_t)v->itemsize, &tmp))
+            return based_fail(BASED_STATUS_VALUE_ERROR, "%s: byte extent overflows 64-bit indexing", name);
+        if (t->data == NULL)
+            return based_fail(BASED_STATUS_VALUE_ERROR, "%s: data pointer is NULL for a non-empty tensor", name);
+    }
+    v->data = t->data ? (char *)t->data + t->byte_offset : NULL;
+    return BASED_STATUS_OK;
+}
+
+based_status based_view_init_optional(based_view *v, const DLTensor *t, const char *name) {
+    if (t != NULL) return based_view_init(v, t, name);
+    memset(v, 0, sizeof *v);
+    v->name = name;
+    v->ndim = -1;
+    return BASED_STATUS_OK;
+}
+
+static const char *dtype_list(unsigned allowed, char *buf, size_t size) {
+    size_t n = 0;
+    buf[0] = '\0';
+    int count = 0;
+    for (int d = 0; d < BASED_DTYPE_COUNT_; d++) {
+        if (!(allowed & (1u << d))) continue;
+        n += (size_t)snprintf(buf + n, size - n, "%s%s", count ? ", " : "", based_dtype_name((based_dtype)d));
+        count++;
+        if (n >= size) break;
+    }
+    return buf;
+}
+
+based_status based_check_dtype(const based_view *v, unsigned allowed) {
+    if (allowed & (1u << v->dtype)) return BASED_STATUS_OK;
+    char buf[96];
+    return based_fail(BASED_STATUS_TYPE_ERROR, "%s must have dtype %s%s, got %s", v->name,
+                      (allowed & (allowed - 1)) ? "one of " : "", dtype_list(allowed, buf, sizeof buf),
+                      based_dtype_name(v->dtype));
+}
+
+based_status based_check_same_dtype(const based_view *v, const based_view *ref) {
+    if (v->dtype == ref->dtype) return BASED_STATUS_OK;
+    return based_fail(BASED_STATUS_TYPE_ERROR, "%s must have the dtype of %s (%s), got %s", v->name, ref->name,
+                      based_dtype_name(ref->dtype), based_dtype_name(v->dtype));
+}
+
+based_status based_check_shape(const based_view *v, int32_t ndim, const int64_t *expected, const char *dims) {
+    int ok = v->ndim == ndim;
+    for (int32_t i = 0; ok && i < ndim; i++)
+        if (expected[i] >= 0 && v->shape[i] != expected[i]) ok = 0;
+    if (ok) return BASED_STATUS_OK;
+    char want[256], got[256];
+    size_t n = 0;
+    const char *d = dims;
+    n += (size_t)snprintf(want, sizeof want, "(");
+    for (int32_t i = 0; i < ndim && n < sizeof want; i++) {
+        const char *comma = strchr(d, ',');
+        int len = comma ? (int)(comma - d) : (int)strlen(d);
+        if (expected[i] >= 0)
+            n += (size_t)snprintf(want + n, sizeof want - n, "%s%.*s=%lld", i ? ", " : "", len, d,
+                                  (long long)expected[i]);
+        else
+            n += (size_t)snprintf(want + n, sizeof want - n, "%s%.*s", i ? ", " : "", len, d);
+        d = comma ? comma + 1 : d + len;
+    }
+    if (n < sizeof want) snprintf(want + n, sizeof want - n, ndim == 1 ? ",)" : ")");
+    if (v->ndim != ndim)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "%s must have %d dimensions %s, got %d dimensions %s", v->name,
+                          (int)ndim, want, (int)v->ndim, based_format_shape(v, got, sizeof got));
+    return based_fail(BASED_STATUS_VALUE_ERROR, "%s must have shape %s, got %s", v->name, want,
+                      based_format_shape(v, got, sizeof got));
+}
+
+static const char *device_name(DLDevice d, char *buf, size_t size) {
+    switch ((int)d.device_type) {
+    case kDLCPU: snprintf(buf, size, "cpu"); break;
+    case kDLCUDA: snprintf(buf, size, "cuda:%d", (int)d.device_id); break;
+    case kDLCUDAHost: snprintf(buf, size, "cuda_host (pinned cpu)"); break;
+    case kDLCUDAManaged: snprintf(buf, size, "cuda_managed:%d", (int)d.device_id); break;
+    default: snprintf(buf, size, "device type %d id %d", (int)d.device_type, (int)d.device_id); break;
+    }
+    return buf;
+}
+
+static int is_host(DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; }
+
+based_status based_check_same_device(const based_view *const *views, int n) {
+    const based_view *first = NULL;
+    for (int i = 0; i < n; i++) {
+        const based_view *v = views[i];
+        if (v == NULL || v->ndim < 0) continue;
+        if (first == NULL) {
+            first = v;
+            continue;
+        }
+        int same = (is_host(v->device) && is_host(first->device)) ||
+                   (v->device.device_type == first->device.device_type &&
+                    v->device.device_id == first->device.device_id);
+        if (!same) {
+            char a[48], b[48];
+            return based_fail(BASED_STATUS_VALUE_ERROR, "%s is on %s but %s is on %s: all tensors of one call must "
+                              "be on one device", v->name, device_name(v->device, a, sizeof a), first->name,
+                              device_name(first->device, b, sizeof b));
+        }
+    }
+    return BASED_STATUS_OK;
+}
+
+based_status based_check_host(const based_view *v, const char *op) {
+    if (is_host(v->device)) return BASED_STATUS_OK;
+    char d[48];
+    if (v->device.device_type == kDLCUDA || v->device.device_type == kDLCUDAManaged)
+        return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
+                          "%s: %s is on %s, and this build of based has no CUDA kernel for %s%s; use CPU tensors",
+                          op, v->name, device_name(v->device, d, sizeof d), op,
+                          based_built_with_cuda() ? "" : " (it was built without nvcc)");
+    return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s is on %s; expected a CPU or CUDA tensor", op, v->name,
+                      device_name(v->device, d, sizeof d));
+}
+
+based_status based_check_no_self_overlap(const based_view *v) {
+    if (v->numel <= 1) return BASED_STATUS_OK;
+    int axes[BASED_MAX_NDIM];
+    int n = 0;
+    for (int32_t i = 0; i < v->ndim; i++) {
+        if (v->shape[i] <= 1) continue;
+        if (v->strides[i] == 0)
+            return based_fail(BASED_STATUS_VALUE_ERROR,
+                              "%s has overlapping memory (stride 0 along axis %d of size %lld); it is written to, "
+                              "so every element needs its own memory",
+                              v->name, (int)i, (long long)v->shape[i]);
+        axes[n++] = i;
+    }
+    /* sort axes by |stride| (insertion sort, n <= 16) */
+    for (int i = 1; i < n; i++) {
+        int a = axes[i], j = i - 1;
+        while (j >= 0 && llabs(v->strides[axes[j]]) > llabs(v->strides[a])) {
+            axes[j + 1] = axes[j];
+            j--;
+        }
+        axes[j + 1] = a;
+    }
+    int64_t extent = 0; /* largest offset reachable by the smaller axes */
+    for (int i = 0; i < n; i++) {
+        int64_t s = llabs(v->strides[axes[i]]);
+        if (s <= extent)
+            return based_fail(BASED_STATUS_VALUE_ERROR,
+                              "%s has overlapping memory (its strides let two elements share an address); it is "
+                              "written to, so every element needs its own memory",
+                              v->name);
+        extent += s * (v->shape[axes[i]] - 1);
+    }
+    return BASED_STATUS_OK;
+}
+
+based_status based_check_disjoint(const based_view *a, const based_view *b) {
+    if (a->numel == 0 || b->numel == 0 || a->ndim < 0 || b->ndim < 0) return BASED_STATUS_OK;
+    if (a->device.device_type != b->device.device_type) return BASED_STATUS_OK;
+    uintptr_t a0 = (uintptr_t)a->data + (uintptr_t)(a->lo * a->itemsize);
+    uintptr_t a1 = (uintptr_t)a->data + (uintptr_t)((a->hi + 1) * a->itemsize);
+    uintptr_t b0 = (uintptr_t)b->data + (uintptr_t)(b->lo * b->itemsize);
+    uintptr_t b1 = (uintptr_t)b->data + (uintptr_t)((b->hi + 1) * b->itemsize);
+    if (a1 <= b0 || b1 <= a0) return BASED_STATUS_OK;
+    return based_fail(BASED_STATUS_VALUE_ERROR, "%s shares memory with %s; pass a separate buffer", a->name, b->name);
+}
+
+based_status based_check_scalar(double value, const char *name, int positive) {
+    if (isfinite(value) && (positive ? value > 0 : value >= 0)) return BASED_STATUS_OK;
+    return based_fail(BASED_STATUS_VALUE_ERROR, "%s must be a finite number %s 0, got %g", name,
+                      positive ? ">" : ">=", value);
+}

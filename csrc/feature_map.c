@@ -1,0 +1,101 @@
+/*
+ * feature_map.c -- the 2nd-order Taylor feature map of BASED (paper Sec. 4.1, Eq. 4;
+ * SPEC 1.1), compact (symmetric) order:
+ *
+ *   phi(x) = [ 1,
+ *              sqrt(scale) * x_i                  for i < Dk,
+ *              scale / sqrt(2) * x_i * x_i        for i == j   } upper triangle,
+ *              scale * x_i * x_j                  for i <  j   } row-major ]
+ *
+ * so phi(q) . phi(k) = 1 + s + s^2 / 2 with s = scale * q.k. The kernels never need
+ * phi of a whole sequence; this op exists for inspection, tests and interop.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+int64_t based_taylor_feature_dim(int64_t head_dim) {
+    if (head_dim < 1 || head_dim > 3037000498LL) return -1; /* Dk(Dk+1)/2 must fit int64 */
+    return 1 + head_dim + head_dim * (head_dim + 1) / 2;
+}
+
+/* One row of phi in compute type REAL, written with the output's dtype and stride. */
+#define BASED_FEATURE_MAP_ROW(REAL, SQRT, GATHER, STORE)                                  \
+    static void feature_map_row_##REAL(const char *xp, int64_t xs, char *op, int64_t os,   \
+                                       based_dtype xdt, based_dtype odt, int64_t dk,      \
+                                       REAL scale, REAL *x) {                             \
+        GATHER(x, xp, xdt, dk, xs);                                                       \
+        const REAL c1 = SQRT(scale), c2 = scale / SQRT((REAL)2), c3 = scale;              \
+        int64_t f = 0;                                                                    \
+        STORE(op, odt, f * os, (REAL)1);                                                  \
+        f++;                                                                              \
+        for (int64_t i = 0; i < dk; i++, f++) STORE(op, odt, f * os, c1 * x[i]);          \
+        for (int64_t i = 0; i < dk; i++) {                                                \
+            STORE(op, odt, f * os, c2 * x[i] * x[i]);                                     \
+            f++;                                                                          \
+            for (int64_t j = i + 1; j < dk; j++, f++) STORE(op, odt, f * os, c3 * x[i] * x[j]); \
+        }                                                                                 \
+    }
+
+BASED_FEATURE_MAP_ROW(float, sqrtf, based_gather_f32, based_store_f32)
+BASED_FEATURE_MAP_ROW(double, sqrt, based_gather_f64, based_store_f64)
+
+based_status based_taylor_feature_map(const DLTensor *x_, DLTensor *out_, double scale) {
+    based_view x, out;
+    BASED_TRY(based_view_init(&x, x_, "x"));
+    BASED_TRY(based_view_init(&out, out_, "out"));
+    BASED_TRY(based_check_dtype(&x, BASED_DTYPES_FLOAT));
+    BASED_TRY(based_check_same_dtype(&out, &x));
+    if (x.ndim < 1)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "x must have at least 1 dimension (..., Dk), got a 0-d tensor");
+    int64_t dk = x.shape[x.ndim - 1];
+    int64_t f = based_taylor_feature_dim(dk);
+    if (f < 0)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "x must have a last dimension Dk >= 1, got Dk=%lld",
+                          (long long)dk);
+    int64_t want[BASED_MAX_NDIM];
+    char dims[BASED_MAX_NDIM * 4 + 8];
+    size_t n = 0;
+    for (int32_t i = 0; i < x.ndim; i++) {
+        want[i] = i == x.ndim - 1 ? f : x.shape[i];
+        n += (size_t)snprintf(dims + n, sizeof dims - n, i == x.ndim - 1 ? "F" : "d%d,", (int)i);
+    }
+    BASED_TRY(based_check_shape(&out, x.ndim, want, dims));
+    const based_view *all[] = {&x, &out};
+    BASED_TRY(based_check_same_device(all, 2));
+    BASED_TRY(based_check_host(&x, "taylor_feature_map"));
+    BASED_TRY(based_check_scalar(scale, "scale", 1));
+    BASED_TRY(based_check_no_self_overlap(&out));
+    BASED_TRY(based_check_disjoint(&out, &x));
+    if (out.numel == 0) return BASED_STATUS_OK;
+
+    int64_t rows = x.numel / dk;
+    int lead = x.ndim - 1;
+    int nthreads = based_threads_for(rows / 64);
+    size_t elem = x.dtype == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
+    size_t row_bytes = ((size_t)dk * elem + 63u) & ~(size_t)63u;
+    char *scratch = based_scratch_alloc(row_bytes * (size_t)nthreads);
+    if (scratch == NULL) return based_fail(BASED_STATUS_OUT_OF_MEMORY, "taylor_feature_map: out of memory for scratch");
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        void *xbuf = scratch + row_bytes * (size_t)based_thread_num();
+        int64_t rem = r, xo = 0, oo = 0;
+        for (int d = lead - 1; d >= 0; d--) {
+            int64_t idx = rem % x.shape[d];
+            rem /= x.shape[d];
+            xo += idx * x.strides[d];
+            oo += idx * out.strides[d];
+        }
+        const char *xp = x.data + xo * x.itemsize;
+        char *op = out.data + oo * out.itemsize;
+        if (x.dtype == BASED_DTYPE_FLOAT64)
+            feature_map_row_double(xp, x.strides[lead], op, out.strides[lead], x.dtype, out.dtype, dk, scale,
+                                   (double *)xbuf);
+        else
+            feature_map_row_float(xp, x.strides[lead], op, out.strides[lead], x.dtype, out.dtype, dk, (float)scale,
+                                  (float *)xbuf);
+    }
+    based_scratch_free(scratch);
+    return BASED_STATUS_OK;
+}

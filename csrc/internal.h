@@ -1,0 +1,211 @@
+/*
+ * internal.h -- what the C core's files share and the public header does not show:
+ * the per-thread error record, a validated view of a DLTensor (based_view), the
+ * argument checks every op runs before it writes, and dtype conversion.
+ *
+ * Rules every op follows (SPEC 4):
+ *   1. build a based_view for every tensor argument (based_view_init);
+ *   2. run every check (dtype, shape, device, layout, settings, overlap);
+ *   3. only then write. A failing call leaves outputs and states untouched.
+ */
+#ifndef BASED_INTERNAL_H
+#define BASED_INTERNAL_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "based.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BASED_MAX_NDIM 16
+
+/* ---------------------------------------------------------------------------------
+ * Errors: based_fail() records a message for this thread and returns the status,
+ * so checks read `if (bad) return based_fail(BASED_STATUS_VALUE_ERROR, "...", ...);`
+ * --------------------------------------------------------------------------------- */
+
+based_status based_fail(based_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+#define BASED_TRY(expr)                          \
+    do {                                         \
+        based_status based_try_st_ = (expr);     \
+        if (based_try_st_ != BASED_STATUS_OK)    \
+            return based_try_st_;                \
+    } while (0)
+
+/* ---------------------------------------------------------------------------------
+ * dtypes
+ * --------------------------------------------------------------------------------- */
+
+typedef enum {
+    BASED_DTYPE_FLOAT32 = 0,
+    BASED_DTYPE_FLOAT64 = 1,
+    BASED_DTYPE_FLOAT16 = 2,
+    BASED_DTYPE_BFLOAT16 = 3,
+    BASED_DTYPE_INT64 = 4,
+    BASED_DTYPE_COUNT_ = 5,
+} based_dtype;
+
+#define BASED_DTYPES_FLOAT                                                              \
+    ((1u << BASED_DTYPE_FLOAT32) | (1u << BASED_DTYPE_FLOAT64) | (1u << BASED_DTYPE_FLOAT16) | \
+     (1u << BASED_DTYPE_BFLOAT16))
+#define BASED_DTYPES_INDEX (1u << BASED_DTYPE_INT64)
+
+const char *based_dtype_name(based_dtype dt);
+int based_dtype_size(based_dtype dt);
+
+/* ---------------------------------------------------------------------------------
+ * based_view: a checked, normalised DLTensor. Strides are in elements and always
+ * filled in (a NULL DLTensor.strides becomes row-major); `data` already includes
+ * byte_offset. Zero-size views may have data == NULL and must never be touched.
+ * --------------------------------------------------------------------------------- */
+
+typedef struct {
+    const char *name;      /* the argument's name, for messages ("q", "state.kv") */
+    char *data;            /* address of element [0, ..., 0] */
+    int32_t ndim;
+    int64_t shape[BASED_MAX_NDIM];
+    int64_t strides[BASED_MAX_NDIM];
+    based_dtype dtype;
+    int32_t itemsize;
+    DLDevice device;
+    int64_t numel;
+    int64_t lo, hi;        /* element offsets of the lowest and highest reachable element */
+} based_view;
+
+/* Fills v from t. Fails on NULL, ndim out of range, negative sizes, unsupported dtype
+ * (TYPE_ERROR, naming code and bits), NULL data for a non-empty tensor, and sizes or
+ * strides whose byte extent would overflow int64. */
+based_status based_view_init(based_view *v, const DLTensor *t, const char *name);
+
+/* Same, for an optional argument: t == NULL leaves v->data NULL and v->ndim = -1. */
+based_status based_view_init_optional(based_view *v, const DLTensor *t, const char *name);
+
+/* dtype must be in `allowed` (a mask of 1u << based_dtype). */
+based_status based_check_dtype(const based_view *v, unsigned allowed);
+
+/* v and ref must have one dtype ("k must have the dtype of q (float32), got float16"). */
+based_status based_check_same_dtype(const based_view *v, const based_view *ref);
+
+/* Shape check. expected[i] < 0 accepts any size. dims is a comma-separated list of
+ * dimension names for the message, e.g. "B,T,H,Dk". Message:
+ *   "k must have shape (B=2, T=5, H=4, Dk=16), got (2, 6, 4, 16)" */
+based_status based_check_shape(const based_view *v, int32_t ndim, const int64_t *expected,
+                               const char *dims);
+
+/* All views on one device (type and id); NULL entries and empty optionals skipped. */
+based_status based_check_same_device(const based_view *const *views, int n);
+
+/* The op runs on the host: the device must be CPU or pinned host memory. A CUDA device
+ * gives NOT_IMPLEMENTED naming `op` (this build has no CUDA kernel for it); any other
+ * device a VALUE_ERROR. */
+based_status based_check_host(const based_view *v, const char *op);
+
+/* Outputs and states: no two index tuples may address the same element
+ * ("out has overlapping memory: stride 0 along axis 2 of size 4"). */
+based_status based_check_no_self_overlap(const based_view *v);
+
+/* Writable tensor a must not share memory with b (their byte ranges must be disjoint). */
+based_status based_check_disjoint(const based_view *a, const based_view *b);
+
+/* A scalar setting must be finite and > 0 (positive) or >= 0 (!positive). */
+based_status based_check_scalar(double value, const char *name, int positive);
+
+/* "(2, 6, 4, 16)" into buf; returns buf. */
+const char *based_format_shape(const based_view *v, char *buf, size_t size);
+
+/* Byte address of the element at index idx[0..ndim). */
+static inline char *based_view_ptr(const based_view *v, const int64_t *idx) {
+    int64_t off = 0;
+    for (int32_t i = 0; i < v->ndim; i++) off += idx[i] * v->strides[i];
+    return v->data + off * v->itemsize;
+}
+
+/* ---------------------------------------------------------------------------------
+ * Scalar conversion. float16 and bfloat16 are stored as uint16_t bit patterns and
+ * converted with round-to-nearest-even; NaN stays NaN, overflow becomes inf.
+ * --------------------------------------------------------------------------------- */
+
+static inline float based_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t based_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+float based_f16_to_f32(uint16_t h);
+uint16_t based_f32_to_f16(float f);
+
+/* Element i (an element offset from p) of a float tensor of dtype dt, as float/double. */
+static inline float based_load_f32(const char *p, based_dtype dt, int64_t i) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT32: return ((const float *)p)[i];
+    case BASED_DTYPE_FLOAT64: return (float)((const double *)p)[i];
+    case BASED_DTYPE_FLOAT16: return based_f16_to_f32(((const uint16_t *)p)[i]);
+    case BASED_DTYPE_BFLOAT16: return based_bf16_to_f32(((const uint16_t *)p)[i]);
+    default: return NAN;
+    }
+}
+
+static inline double based_load_f64(const char *p, based_dtype dt, int64_t i) {
+    if (dt == BASED_DTYPE_FLOAT64) return ((const double *)p)[i];
+    return (double)based_load_f32(p, dt, i);
+}
+
+static inline void based_store_f32(char *p, based_dtype dt, int64_t i, float x) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT32: ((float *)p)[i] = x; break;
+    case BASED_DTYPE_FLOAT64: ((double *)p)[i] = (double)x; break;
+    case BASED_DTYPE_FLOAT16: ((uint16_t *)p)[i] = based_f32_to_f16(x); break;
+    case BASED_DTYPE_BFLOAT16: ((uint16_t *)p)[i] = based_f32_to_bf16(x); break;
+    default: break;
+    }
+}
+
+static inline void based_store_f64(char *p, based_dtype dt, int64_t i, double x) {
+    if (dt == BASED_DTYPE_FLOAT64)
+        ((double *)p)[i] = x;
+    else
+        based_store_f32(p, dt, i, (float)x);
+}
+
+/* Strided row <-> contiguous scratch: n elements starting at p, `stride` elements apart. */
+void based_gather_f32(float *dst, const char *p, based_dtype dt, int64_t n, int64_t stride);
+void based_gather_f64(double *dst, const char *p, based_dtype dt, int64_t n, int64_t stride);
+void based_scatter_f32(char *p, based_dtype dt, int64_t n, int64_t stride, const float *src);
+void based_scatter_f64(char *p, based_dtype dt, int64_t n, int64_t stride, const double *src);
+
+/* Aligned scratch memory for kernels (64-byte aligned; NULL on failure or n == 0). */
+void *based_scratch_alloc(size_t nbytes);
+void based_scratch_free(void *p);
+
+/* Number of OpenMP threads a parallel region over `work` independent items should use. */
+int based_threads_for(int64_t work);
+
+/* The calling thread's index inside a parallel region (0 without OpenMP). */
+static inline int based_thread_num(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+#endif /* BASED_INTERNAL_H */

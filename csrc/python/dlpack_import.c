@@ -1,0 +1,198 @@
+/*
+ * dlpack_import.c -- the consumer side of DLPack: borrow any object's memory for the
+ * length of one call, zero-copy.
+ *
+ * Protocol (DLPack Python spec; shared/notes/dlpack.md section 4):
+ *   1. __dlpack_device__() says where the data lives;
+ *   2. __dlpack__(max_version=(1, 0)[, stream=s]) asks for a versioned capsule; a
+ *      producer that predates max_version raises TypeError and is asked again
+ *      without it (JAX answers only that way);
+ *   3. the capsule is renamed "used_..." (we own the managed tensor from then on)
+ *      and its deleter is called exactly once, in based_py_release();
+ *   4. a capsule we refuse is dropped unrenamed, so its producer frees it.
+ * based.Buffer skips the capsule dance: we hold a reference to the Buffer instead.
+ */
+#include "pybased.h"
+
+static const char CAPSULE_VERSIONED[] = "dltensor_versioned";
+static const char CAPSULE_LEGACY[] = "dltensor";
+static const char CAPSULE_USED_VERSIONED[] = "used_dltensor_versioned";
+static const char CAPSULE_USED_LEGACY[] = "used_dltensor";
+
+DLTensor *based_buffer_dltensor(PyObject *buffer, int *readonly); /* buffer.c */
+
+static int read_device(PyObject *module, PyObject *obj, const char *name, long *type, long *id) {
+    based_module_state *st = based_get_state(module);
+    PyObject *dev = PyObject_CallMethodNoArgs(obj, st->str_dlpack_device);
+    if (dev == NULL) return -1;
+    if (!PyTuple_Check(dev) || PyTuple_GET_SIZE(dev) != 2) {
+        PyErr_Format(PyExc_TypeError, "%s.__dlpack_device__() must return a (device_type, device_id) tuple, got %R",
+                     name, dev);
+        Py_DECREF(dev);
+        return -1;
+    }
+    *type = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+    *id = PyLong_AsLong(PyTuple_GET_ITEM(dev, 1));
+    Py_DECREF(dev);
+    if ((*type == -1 || *id == -1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s.__dlpack_device__() must return two integers", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* Calls obj.__dlpack__ with max_version (and stream for device memory), retrying
+ * without max_version for producers that do not know the keyword. */
+static PyObject *request_capsule(PyObject *module, PyObject *obj, const char *name, long device_type,
+                                 PyObject *stream) {
+    based_module_state *st = based_get_state(module);
+    int with_stream = device_type != kDLCPU && device_type != kDLCUDAHost && stream != NULL && stream != Py_None;
+    PyObject *args[3] = {obj, NULL, NULL};
+    PyObject *cap;
+    if (with_stream) {
+        args[1] = stream;
+        args[2] = st->max_version;
+        cap = PyObject_VectorcallMethod(st->str_dlpack, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                        st->kw_stream_max_version);
+    } else {
+        args[1] = st->max_version;
+        cap = PyObject_VectorcallMethod(st->str_dlpack, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                        st->kw_max_version);
+    }
+    if (cap == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear(); /* a producer from before DLPack 1.0: no max_version */
+        if (with_stream) {
+            args[1] = stream;
+            cap = PyObject_VectorcallMethod(st->str_dlpack, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_stream);
+        } else {
+            cap = PyObject_VectorcallMethod(st->str_dlpack, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        }
+    }
+    if (cap == NULL && PyErr_ExceptionMatches(PyExc_BufferError)) {
+        /* e.g. numpy refusing a non-native byte order or an odd dtype: keep its words */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        PyErr_Format(PyExc_TypeError, "%s cannot be exported through DLPack: %S", name, value);
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+    return cap;
+}
+
+int based_py_import(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
+                    based_py_tensor *out) {
+    based_module_state *st = based_get_state(module);
+    *out = (based_py_tensor)BASED_PY_TENSOR_INIT;
+
+    if (Py_IS_TYPE(obj, st->buffer_type)) {
+        int ro = 0;
+        out->tensor = based_buffer_dltensor(obj, &ro);
+        out->readonly = ro;
+        out->owner = Py_NewRef(obj);
+        goto check_writable;
+    }
+
+    PyObject *dl = PyObject_GetAttr(obj, st->str_dlpack);
+    if (dl == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be an array implementing the DLPack protocol (__dlpack__ and __dlpack_device__), "
+                     "such as a torch.Tensor or numpy.ndarray; got %.200s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_DECREF(dl);
+
+    long device_type, device_id;
+    if (read_device(module, obj, name, &device_type, &device_id) < 0) return -1;
+    if (device_type != kDLCPU && device_type != kDLCUDA && device_type != kDLCUDAHost &&
+        device_type != kDLCUDAManaged) {
+        PyErr_Format(PyExc_ValueError, "%s is on DLPack device type %ld (id %ld); based takes CPU and CUDA arrays",
+                     name, device_type, device_id);
+        return -1;
+    }
+
+    PyObject *cap = request_capsule(module, obj, name, device_type, stream);
+    if (cap == NULL) return -1;
+
+    if (PyCapsule_IsValid(cap, CAPSULE_VERSIONED)) {
+        DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, CAPSULE_VERSIONED);
+        if (m == NULL) goto fail;
+        if (m->version.major != 1) {
+            /* read nothing else; the unrenamed capsule goes back to its producer */
+            PyErr_Format(PyExc_TypeError, "%s was exported with DLPack %u.%u; based reads major version 1", name,
+                         (unsigned)m->version.major, (unsigned)m->version.minor);
+            goto fail;
+        }
+        if (PyCapsule_SetName(cap, CAPSULE_USED_VERSIONED) < 0) goto fail;
+        out->managed = m;
+        out->versioned = 1;
+        out->tensor = &m->dl_tensor;
+        out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+    } else if (PyCapsule_IsValid(cap, CAPSULE_LEGACY)) {
+        DLManagedTensor *m = PyCapsule_GetPointer(cap, CAPSULE_LEGACY);
+        if (m == NULL) goto fail;
+        if (PyCapsule_SetName(cap, CAPSULE_USED_LEGACY) < 0) goto fail;
+        out->managed = m;
+        out->versioned = 0;
+        out->tensor = &m->dl_tensor;
+        out->readonly = 0; /* legacy capsules cannot say; treated as writable, like torch and CuPy do */
+    } else {
+        PyErr_Format(PyExc_TypeError,
+                     "%s.__dlpack__() did not return an unused DLPack capsule (got %.200s); was it already consumed?",
+                     name, Py_TYPE(cap)->tp_name);
+        goto fail;
+    }
+    Py_DECREF(cap);
+
+check_writable:
+    if (writable && out->readonly) {
+        based_py_release(out);
+        PyErr_Format(PyExc_ValueError,
+                     "%s is read-only (exported with the DLPack read-only flag), but based writes into it; pass a "
+                     "writable array",
+                     name);
+        return -1;
+    }
+    return 0;
+
+fail: {
+    /* a producer's capsule destructor may run Python code: keep our exception */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    Py_DECREF(cap);
+    PyErr_Restore(type, value, tb);
+    return -1;
+}
+}
+
+int based_py_import_optional(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
+                             based_py_tensor *out) {
+    if (obj == Py_None) {
+        *out = (based_py_tensor)BASED_PY_TENSOR_INIT;
+        return 0;
+    }
+    return based_py_import(module, obj, name, writable, stream, out);
+}
+
+void based_py_release(based_py_tensor *t) {
+    if (t->managed != NULL) {
+        if (t->versioned) {
+            DLManagedTensorVersioned *m = t->managed;
+            if (m->deleter) m->deleter(m);
+        } else {
+            DLManagedTensor *m = t->managed;
+            if (m->deleter) m->deleter(m);
+        }
+    }
+    Py_CLEAR(t->owner);
+    *t = (based_py_tensor)BASED_PY_TENSOR_INIT;
+}
+
+void based_py_release_all(based_py_tensor *ts, int n) {
+    for (int i = 0; i < n; i++) based_py_release(&ts[i]);
+}

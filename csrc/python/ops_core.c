@@ -1,0 +1,205 @@
+/*
+ * ops_core.c -- bindings for the feature map, the state helpers, based's own
+ * buffers and build information. Each op: import the tensors (GIL held), release
+ * the GIL around the C call, give the tensors back, map the status.
+ */
+#include "pybased.h"
+
+#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
+
+/* taylor_feature_map(x, out, scale) */
+static PyObject *py_taylor_feature_map(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("taylor_feature_map", nargs, 3) < 0) return NULL;
+    double scale;
+    if (based_py_as_double(args[2], "scale", &scale) < 0) return NULL;
+    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
+    if (based_py_import(m, args[0], "x", 0, Py_None, &t[0]) < 0) return NULL;
+    if (based_py_import(m, args[1], "out", 1, Py_None, &t[1]) < 0) goto fail;
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = based_taylor_feature_map(t[0].tensor, t[1].tensor, scale);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 2);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+fail:
+    based_py_release_all(t, 2);
+    return NULL;
+}
+
+/* state_zero(t, batch_indices_or_None) */
+static PyObject *py_state_zero(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("state_zero", nargs, 2) < 0) return NULL;
+    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
+    if (based_py_import(m, args[0], "state", 1, Py_None, &t[0]) < 0) return NULL;
+    if (based_py_import_optional(m, args[1], "batch_indices", 0, Py_None, &t[1]) < 0) goto fail;
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = based_state_zero(t[0].tensor, t[1].tensor);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 2);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+fail:
+    based_py_release_all(t, 2);
+    return NULL;
+}
+
+/* state_copy(dst, src) */
+static PyObject *py_state_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("state_copy", nargs, 2) < 0) return NULL;
+    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
+    if (based_py_import(m, args[0], "dst", 1, Py_None, &t[0]) < 0) return NULL;
+    if (based_py_import(m, args[1], "src", 0, Py_None, &t[1]) < 0) goto fail;
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = based_state_copy(t[0].tensor, t[1].tensor);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 2);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+fail:
+    based_py_release_all(t, 2);
+    return NULL;
+}
+
+/* state_gather(dst, src, batch_indices) */
+static PyObject *py_state_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("state_gather", nargs, 3) < 0) return NULL;
+    based_py_tensor t[3] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
+    if (based_py_import(m, args[0], "dst", 1, Py_None, &t[0]) < 0) return NULL;
+    if (based_py_import(m, args[1], "src", 0, Py_None, &t[1]) < 0) goto fail;
+    if (based_py_import(m, args[2], "batch_indices", 0, Py_None, &t[2]) < 0) goto fail;
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = based_state_gather(t[0].tensor, t[1].tensor, t[2].tensor);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 3);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+fail:
+    based_py_release_all(t, 3);
+    return NULL;
+}
+
+/* zeros(shape, dtype, device_type, device_id) -> Buffer */
+static PyObject *py_zeros(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("zeros", nargs, 4) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[0], "shape must be a sequence of ints");
+    if (seq == NULL) return NULL;
+    Py_ssize_t ndim = PySequence_Fast_GET_SIZE(seq);
+    int64_t shape[16];
+    if (ndim > 16) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "shape: at most 16 dimensions");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        shape[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (shape[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    DLDataType dtype;
+    if (based_py_parse_dtype(args[1], &dtype) < 0) return NULL;
+    long type = PyLong_AsLong(args[2]), id = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (type != kDLCPU && type != kDLCUDA) {
+        PyErr_Format(PyExc_ValueError, "device must be cpu or cuda, got DLPack device type %ld", type);
+        return NULL;
+    }
+    DLDevice dev = {(DLDeviceType)type, (int32_t)id};
+    return based_buffer_new(m, shape, (int)ndim, dtype, dev);
+}
+
+/* A dtype's name for messages: ours ("bfloat16"), else e.g. "int32", "complex64",
+ * "float8 (DLPack code 10)", "float32 with 4 lanes". */
+static void describe_dtype(DLDataType t, char *buf, size_t size) {
+    const char *known = based_py_dtype_name(t);
+    static const char *codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    if (known != NULL) snprintf(buf, size, "%s", known);
+    else if (t.code == kDLBool) snprintf(buf, size, "bool");
+    else if (t.code <= kDLBool) snprintf(buf, size, "%s%d", codes[t.code], (int)t.bits);
+    else snprintf(buf, size, "float%d (DLPack code %d)", (int)t.bits, (int)t.code);
+    if (t.lanes != 1) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, size - n, " with %d lanes", (int)t.lanes);
+    }
+}
+
+/* dlpack_info(obj) -> (shape, dtype name, (device_type, device_id), readonly) */
+static PyObject *py_dlpack_info(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (based_py_check_nargs("dlpack_info", nargs, 1) < 0) return NULL;
+    based_py_tensor t = BASED_PY_TENSOR_INIT;
+    if (based_py_import(m, args[0], "array", 0, Py_None, &t) < 0) return NULL;
+    DLTensor *d = t.tensor;
+    PyObject *shape = PyTuple_New(d->ndim), *res = NULL;
+    if (shape == NULL) goto done;
+    for (int i = 0; i < d->ndim; i++) {
+        PyObject *n = PyLong_FromLongLong(d->shape[i]);
+        if (n == NULL) goto done;
+        PyTuple_SET_ITEM(shape, i, n);
+    }
+    char dt[64];
+    describe_dtype(d->dtype, dt, sizeof dt);
+    res = Py_BuildValue("(Os(ii)O)", shape, dt, (int)d->device.device_type, (int)d->device.device_id,
+                        t.readonly ? Py_True : Py_False);
+done:
+    Py_XDECREF(shape);
+    based_py_release(&t);
+    return res;
+}
+
+static PyObject *py_build_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return Py_BuildValue("{s:s,s:O,s:O,s:i,s:s}", "version", based_version(), "cuda",
+                         based_built_with_cuda() ? Py_True : Py_False, "openmp",
+                         based_built_with_openmp() ? Py_True : Py_False, "max_threads", based_max_threads(),
+                         "cuda_archs",
+#ifdef BASED_CUDA_ARCHS
+                         BASED_CUDA_ARCHS
+#else
+                         ""
+#endif
+    );
+}
+
+static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = based_cuda_device_count();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n);
+}
+
+static PyObject *py_live_buffers(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLongLong(based_buffer_live_count());
+}
+
+static PyObject *py_feature_dim(PyObject *Py_UNUSED(m), PyObject *arg) {
+    long long dk = PyLong_AsLongLong(arg);
+    if (dk == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(based_taylor_feature_dim(dk));
+}
+
+PyMethodDef based_core_methods[] = {
+    {"taylor_feature_map", FASTCALL(py_taylor_feature_map), METH_FASTCALL,
+     "taylor_feature_map(x, out, scale, /)\n--\n\nphi(x) into out (see based.taylor_feature_map)."},
+    {"state_zero", FASTCALL(py_state_zero), METH_FASTCALL,
+     "state_zero(t, batch_indices, /)\n--\n\nZero t[i] for i in batch_indices (None: all)."},
+    {"state_copy", FASTCALL(py_state_copy), METH_FASTCALL, "state_copy(dst, src, /)\n--\n\ndst[...] = src[...]."},
+    {"state_gather", FASTCALL(py_state_gather), METH_FASTCALL,
+     "state_gather(dst, src, batch_indices, /)\n--\n\ndst[i] = src[batch_indices[i]] along axis 0."},
+    {"zeros", FASTCALL(py_zeros), METH_FASTCALL,
+     "zeros(shape, dtype, device_type, device_id, /)\n--\n\nA zero-filled based.Buffer."},
+    {"dlpack_info", FASTCALL(py_dlpack_info), METH_FASTCALL,
+     "dlpack_info(array, /)\n--\n\n(shape, dtype, (device_type, device_id), readonly) read through DLPack."},
+    {"build_info", (PyCFunction)py_build_info, METH_NOARGS, "build_info()\n--\n\nHow this extension was built."},
+    {"cuda_device_count", (PyCFunction)py_cuda_device_count, METH_NOARGS,
+     "cuda_device_count()\n--\n\nUsable CUDA devices (0 without CUDA build, driver or GPU)."},
+    {"live_buffers", (PyCFunction)py_live_buffers, METH_NOARGS,
+     "live_buffers()\n--\n\nStorages of based.Buffer alive now, exports included (for leak tests)."},
+    {"feature_dim", (PyCFunction)py_feature_dim, METH_O, "feature_dim(head_dim, /)\n--\n\n1 + Dk + Dk(Dk+1)/2."},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,93 @@
+/*
+ * pybased.h -- what the files of the CPython extension `based._C` share.
+ *
+ * The extension is a thin layer over csrc/based.h:
+ *   - dlpack_import.c  turns any __dlpack__ object into a borrowed DLTensor (consumer);
+ *   - buffer.c         is based.Buffer, memory based owns, exported through __dlpack__;
+ *   - errors.c         maps a based_status to a Python exception (the one place that does);
+ *   - ops_*.c          bind the ops, releasing the GIL around the C call;
+ *   - module.c         module state, multi-phase init, and the method tables.
+ */
+#ifndef BASED_PYBASED_H
+#define BASED_PYBASED_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "../based.h"
+
+typedef struct {
+    PyTypeObject *buffer_type;   /* based.Buffer */
+    PyObject *str_dlpack;        /* "__dlpack__" */
+    PyObject *str_dlpack_device; /* "__dlpack_device__" */
+    PyObject *kw_max_version;    /* ("max_version",) */
+    PyObject *kw_stream_max_version; /* ("stream", "max_version") */
+    PyObject *kw_stream;         /* ("stream",) */
+    PyObject *max_version;       /* (1, 0): the newest DLPack major we read */
+} based_module_state;
+
+based_module_state *based_get_state(PyObject *module);
+
+/* ---------------------------------------------------------------------------------
+ * Consumer side: a tensor borrowed from a __dlpack__ producer for one call.
+ * --------------------------------------------------------------------------------- */
+
+typedef struct {
+    DLTensor *tensor;   /* NULL when the slot holds no tensor (an omitted optional) */
+    void *managed;      /* DLManagedTensor[Versioned] we own, or NULL for based.Buffer */
+    PyObject *owner;    /* strong ref to a based.Buffer (fast path), else NULL */
+    int versioned;
+    int readonly;
+} based_py_tensor;
+
+#define BASED_PY_TENSOR_INIT {NULL, NULL, NULL, 0, 0}
+
+/* Imports obj. name is the argument's name for messages. writable: the op writes to
+ * it, so a read-only export is refused (ValueError). stream: None or an int passed to
+ * __dlpack__ for CUDA producers. Returns 0, or -1 with an exception set (nothing to
+ * release then). The producer's memory stays alive until based_py_release(). */
+int based_py_import(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
+                    based_py_tensor *out);
+
+/* Same, but Py_None gives an empty slot (tensor == NULL). */
+int based_py_import_optional(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
+                             based_py_tensor *out);
+
+/* Gives the tensor back to its producer (calls the DLPack deleter exactly once). */
+void based_py_release(based_py_tensor *t);
+void based_py_release_all(based_py_tensor *ts, int n);
+
+/* ---------------------------------------------------------------------------------
+ * based.Buffer
+ * --------------------------------------------------------------------------------- */
+
+extern PyType_Spec based_buffer_spec;
+
+/* A new zero-filled Buffer; dtype is one of "float32", "float64", "float16",
+ * "bfloat16", "int64"; device_type is kDLCPU or kDLCUDA. */
+PyObject *based_buffer_new(PyObject *module, const int64_t *shape, int ndim, DLDataType dtype, DLDevice device);
+
+/* Live storages (for leak tests). */
+long long based_buffer_live_count(void);
+
+/* ---------------------------------------------------------------------------------
+ * Errors and argument helpers
+ * --------------------------------------------------------------------------------- */
+
+/* Sets the Python exception for st from based_last_error(); returns NULL. */
+PyObject *based_py_raise(based_status st);
+
+/* dtype name <-> DLDataType; -1 with TypeError on an unknown name. */
+int based_py_parse_dtype(PyObject *name, DLDataType *out);
+const char *based_py_dtype_name(DLDataType t);
+
+/* Fastcall helpers: exactly n positional arguments; a float argument. */
+int based_py_check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t n);
+int based_py_as_double(PyObject *o, const char *name, double *out);
+
+/* Method tables, one per op family (module.c adds them all). */
+extern PyMethodDef based_core_methods[];
+extern PyMethodDef based_linear_methods[];
+extern PyMethodDef based_window_methods[];
+
+#endif /* BASED_PYBASED_H */

@@ -1,0 +1,174 @@
+/*
+ * state.c -- state helpers shared by LinearAttentionState and SlidingWindowCache:
+ * zero chosen sequences, copy, and gather sequences (beam-search reordering).
+ * They treat axis 0 as the batch and move raw elements, so they serve every dtype.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "internal.h"
+
+/* Calls fn(dst_elem, src_elem, itemsize) for every element of row b of dst (and the
+ * matching element of row sb of src, when src != NULL), walking axes 1..ndim-1. */
+static void for_each_in_row(const based_view *dst, int64_t b, const based_view *src, int64_t sb) {
+    int32_t nd = dst->ndim;
+    int64_t idx[BASED_MAX_NDIM] = {0};
+    int64_t inner = nd > 1 ? dst->shape[nd - 1] : 1;
+    int64_t count = dst->numel / (dst->shape[0] ? dst->shape[0] : 1);
+    int64_t outer = inner ? count / inner : 0;
+    int isz = dst->itemsize;
+    for (int64_t o = 0; o < outer; o++) {
+        int64_t doff = b * dst->strides[0], soff = src ? sb * src->strides[0] : 0;
+        for (int32_t d = 1; d < nd - 1; d++) {
+            doff += idx[d] * dst->strides[d];
+            if (src) soff += idx[d] * src->strides[d];
+        }
+        int64_t ds = nd > 1 ? dst->strides[nd - 1] : 0, ss = (src && nd > 1) ? src->strides[nd - 1] : 0;
+        char *dp = dst->data + doff * isz;
+        if (src == NULL) {
+            if (ds == 1) memset(dp, 0, (size_t)(inner * isz));
+            else for (int64_t i = 0; i < inner; i++) memset(dp + i * ds * isz, 0, (size_t)isz);
+        } else {
+            const char *sp = src->data + soff * isz;
+            if (ds == 1 && ss == 1) memmove(dp, sp, (size_t)(inner * isz));
+            else for (int64_t i = 0; i < inner; i++) memcpy(dp + i * ds * isz, sp + i * ss * isz, (size_t)isz);
+        }
+        for (int32_t d = nd - 2; d >= 1; d--) { /* advance the multi-index over axes 1..nd-2 */
+            if (++idx[d] < dst->shape[d]) break;
+            idx[d] = 0;
+        }
+    }
+}
+
+static based_status check_state_tensor(based_view *v, const DLTensor *t, const char *name, const char *op) {
+    BASED_TRY(based_view_init(v, t, name));
+    if (v->ndim < 1)
+        return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s must have a batch axis (at least 1 dimension)", op, name);
+    return based_check_host(v, op);
+}
+
+/* Reads indices into a malloc'd array, normalising negatives; all checked first. */
+static based_status read_indices(const DLTensor *t, int64_t n_rows, const char *op, int64_t **out, int64_t *count) {
+    based_view iv;
+    BASED_TRY(based_view_init(&iv, t, "batch_indices"));
+    BASED_TRY(based_check_dtype(&iv, BASED_DTYPES_INDEX));
+    BASED_TRY(based_check_host(&iv, op));
+    if (iv.ndim != 1) {
+        char buf[96];
+        return based_fail(BASED_STATUS_VALUE_ERROR, "%s: batch_indices must be 1-D, got shape %s", op,
+                          based_format_shape(&iv, buf, sizeof buf));
+    }
+    int64_t n = iv.shape[0];
+    int64_t *idx = malloc((size_t)(n ? n : 1) * sizeof *idx);
+    if (idx == NULL) return based_fail(BASED_STATUS_OUT_OF_MEMORY, "%s: out of memory", op);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t j = ((const int64_t *)iv.data)[i * iv.strides[0]];
+        int64_t k = j < 0 ? j + n_rows : j;
+        if (k < 0 || k >= n_rows) {
+            free(idx);
+            return based_fail(BASED_STATUS_VALUE_ERROR, "%s: batch index %lld is out of range for batch size %lld",
+                              op, (long long)j, (long long)n_rows);
+        }
+        idx[i] = k;
+    }
+    *out = idx;
+    *count = n;
+    return BASED_STATUS_OK;
+}
+
+based_status based_state_zero(DLTensor *t_, const DLTensor *indices) {
+    based_view t;
+    BASED_TRY(check_state_tensor(&t, t_, "state", "reset"));
+    BASED_TRY(based_check_no_self_overlap(&t));
+    if (t.numel == 0) return BASED_STATUS_OK;
+    if (indices == NULL) {
+        for (int64_t b = 0; b < t.shape[0]; b++) for_each_in_row(&t, b, NULL, 0);
+        return BASED_STATUS_OK;
+    }
+    int64_t *idx, n;
+    BASED_TRY(read_indices(indices, t.shape[0], "reset", &idx, &n));
+    for (int64_t i = 0; i < n; i++) for_each_in_row(&t, idx[i], NULL, 0);
+    free(idx);
+    return BASED_STATUS_OK;
+}
+
+static based_status check_pair(based_view *dst, based_view *src, const char *op) {
+    BASED_TRY(based_check_same_dtype(src, dst));
+    const based_view *all[] = {dst, src};
+    BASED_TRY(based_check_same_device(all, 2));
+    BASED_TRY(based_check_no_self_overlap(dst));
+    if (dst->ndim != src->ndim) goto bad;
+    for (int32_t i = 1; i < dst->ndim; i++)
+        if (dst->shape[i] != src->shape[i]) goto bad;
+    return BASED_STATUS_OK;
+bad:;
+    char a[128], b[128];
+    return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s has shape %s, which does not match %s %s", op, src->name,
+                      based_format_shape(src, a, sizeof a), dst->name, based_format_shape(dst, b, sizeof b));
+}
+
+based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
+    based_view dst, src;
+    BASED_TRY(check_state_tensor(&dst, dst_, "dst", "copy_"));
+    BASED_TRY(check_state_tensor(&src, src_, "src", "copy_"));
+    BASED_TRY(check_pair(&dst, &src, "copy_"));
+    if (dst.shape[0] != src.shape[0]) {
+        char a[128], b[128];
+        return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: src has shape %s, which does not match dst %s",
+                          based_format_shape(&src, a, sizeof a), based_format_shape(&dst, b, sizeof b));
+    }
+    if (dst.numel == 0 || dst.data == src.data) return BASED_STATUS_OK;
+    if (based_check_disjoint(&dst, &src) != BASED_STATUS_OK) {
+        based_clear_error();
+        return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: dst and src share memory; copy from a clone instead");
+    }
+    for (int64_t b = 0; b < dst.shape[0]; b++) for_each_in_row(&dst, b, &src, b);
+    return BASED_STATUS_OK;
+}
+
+based_status based_state_gather(DLTensor *dst_, const DLTensor *src_, const DLTensor *indices) {
+    based_view dst, src;
+    BASED_TRY(check_state_tensor(&dst, dst_, "dst", "index_select"));
+    BASED_TRY(check_state_tensor(&src, src_, "src", "index_select"));
+    BASED_TRY(check_pair(&dst, &src, "index_select"));
+    int64_t *idx, n;
+    BASED_TRY(read_indices(indices, src.shape[0], "index_select", &idx, &n));
+    if (n != dst.shape[0]) {
+        free(idx);
+        return based_fail(BASED_STATUS_VALUE_ERROR,
+                          "index_select: %lld batch indices given for a destination of batch size %lld",
+                          (long long)n, (long long)dst.shape[0]);
+    }
+    if (dst.numel == 0) {
+        free(idx);
+        return BASED_STATUS_OK;
+    }
+    int overlap = based_check_disjoint(&dst, &src) != BASED_STATUS_OK;
+    based_clear_error();
+    if (!overlap) {
+        for (int64_t i = 0; i < n; i++) for_each_in_row(&dst, i, &src, idx[i]);
+        free(idx);
+        return BASED_STATUS_OK;
+    }
+    /* In-place reorder: stage the selected rows in a contiguous buffer first. */
+    int64_t row = src.numel / src.shape[0];
+    char *tmp = based_scratch_alloc((size_t)(n * row * src.itemsize));
+    if (tmp == NULL) {
+        free(idx);
+        return based_fail(BASED_STATUS_OUT_OF_MEMORY, "index_select: out of memory for a %lld-byte staging buffer",
+                          (long long)(n * row * src.itemsize));
+    }
+    based_view stage = dst;
+    stage.data = tmp;
+    stage.name = "staging";
+    int64_t stride = 1;
+    for (int32_t d = dst.ndim - 1; d >= 0; d--) {
+        stage.strides[d] = stride;
+        stride *= dst.shape[d];
+    }
+    for (int64_t i = 0; i < n; i++) for_each_in_row(&stage, i, &src, idx[i]);
+    for (int64_t i = 0; i < n; i++) for_each_in_row(&dst, i, &stage, i);
+    based_scratch_free(tmp);
+    free(idx);
+    return BASED_STATUS_OK;
+}

@@ -1,0 +1,230 @@
+"""Shared fixtures and helpers for the based test suite.
+
+* ``torch`` / ``cuda`` availability flags: tests needing them skip cleanly.
+* ``RawProducer``: a DLPack producer built from raw fields with ctypes, with a counting
+  deleter, to reach the edge cases real libraries never emit (NULL strides,
+  byte_offset, a newer major version, odd dtypes).
+* ``poison``: fill an output with NaN before a kernel call so an element the kernel
+  forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+
+import numpy as np
+import pytest
+
+import based
+
+if not hasattr(based, "_C"):  # pragma: no cover - a source tree without the built extension
+    raise RuntimeError("based._C is missing: install the package (pip install .) before running the tests")
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+if HAS_TORCH:
+    import torch
+
+    HAS_TORCH_CUDA = torch.cuda.is_available()
+else:  # pragma: no cover
+    torch = None
+    HAS_TORCH_CUDA = False
+
+requires_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+requires_cuda = pytest.mark.skipif(
+    not (HAS_TORCH_CUDA and based.cuda_available()), reason="needs a CUDA build of based, torch.cuda and a GPU"
+)
+
+# Machine epsilon of each compute dtype; tolerances below are stated in these units.
+EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def poison(a):
+    """Fill a float array (numpy or torch) with NaN in place and return it."""
+    if isinstance(a, np.ndarray):
+        a[...] = np.nan
+    else:
+        a.fill_(float("nan"))
+    return a
+
+
+def to_numpy64(a) -> np.ndarray:
+    """Any array (numpy, torch incl. bf16, based.Buffer) as a float64 numpy copy."""
+    if HAS_TORCH and isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    if isinstance(a, based.Buffer):
+        if a.dtype == "bfloat16":
+            assert HAS_TORCH, "reading a bfloat16 Buffer needs torch"
+            return torch.from_dlpack(a).to(torch.float64).numpy()
+        a = np.from_dlpack(a)
+    return np.asarray(a, dtype=np.float64)
+
+
+def make_array(lib: str, data: np.ndarray, dtype: str):
+    """float64 numpy data as a `lib` ('numpy' or 'torch') array of `dtype`."""
+    if lib == "numpy":
+        assert dtype != "bfloat16"
+        return np.ascontiguousarray(data.astype(dtype))
+    return torch.from_numpy(np.ascontiguousarray(data)).to(getattr(torch, dtype))
+
+
+def rounded(data: np.ndarray, dtype: str) -> np.ndarray:
+    """data rounded to `dtype` and back to float64: the input the kernel actually sees."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).to(torch.float64).numpy()
+    return data.astype(dtype).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# A raw DLPack producer (ctypes)
+# ---------------------------------------------------------------------------------------
+
+
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
+DELETER_V = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", DELETER_V),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
+
+
+class DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", DELETER_V)]
+
+
+_PyCapsule_New = ctypes.pythonapi.PyCapsule_New
+_PyCapsule_New.restype = ctypes.py_object
+_PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+# The destructor receives the dying capsule as a raw pointer: wrapping it in a
+# py_object would resurrect it (refcount 0 -> 1 -> 0) and recurse.
+_CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_PyCapsule_IsValid = ctypes.pythonapi.PyCapsule_IsValid
+_PyCapsule_IsValid.restype = ctypes.c_int
+_PyCapsule_IsValid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
+_PyCapsule_GetPointer.restype = ctypes.c_void_p
+_PyCapsule_GetPointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+_NAMES = {True: b"dltensor_versioned", False: b"dltensor"}
+
+
+class RawProducer:
+    """Exports one numpy array's memory through a hand-built capsule.
+
+    Arguments let a test break one rule at a time: ``strides=None`` exports NULL
+    strides, ``byte_offset`` moves data back by that many bytes, ``major`` sets the
+    version, ``code``/``bits``/``lanes`` the dtype, ``readonly`` the flag.
+    Every capsule's deleter increments ``self.deleted``; the capsule destructor calls
+    the deleter only if no consumer took the capsule (renamed it to ``used_...``).
+    """
+
+    def __init__(self, array, *, versioned=True, strides="auto", byte_offset=0, major=1, code=None, bits=None,
+                 lanes=1, readonly=False, device=(1, 0), accepts_max_version=True):
+        self.array = array
+        self.versioned = versioned
+        self.strides = strides
+        self.byte_offset = byte_offset
+        self.major = major
+        self.code = code
+        self.bits = bits
+        self.lanes = lanes
+        self.readonly = readonly
+        self.device = device
+        self.accepts_max_version = accepts_max_version
+        self.deleted = 0
+        self.exported = 0
+        self._keep = []
+
+        def deleter(_ptr):
+            self.deleted += 1
+
+        self._deleter = DELETER_V(deleter)
+
+        def destructor(capsule):
+            name = _NAMES[self.versioned]
+            if _PyCapsule_IsValid(capsule, name):
+                self._deleter(_PyCapsule_GetPointer(capsule, name))
+
+        self._destructor = _CAPSULE_DESTRUCTOR(destructor)
+
+    def __dlpack_device__(self):
+        return self.device
+
+    def _capsule(self):
+        a = self.array
+        shape = (ctypes.c_int64 * max(a.ndim, 1))(*a.shape)
+        t = DLTensor()
+        t.data = a.ctypes.data - self.byte_offset
+        t.byte_offset = self.byte_offset
+        t.device = DLDevice(*self.device)
+        t.ndim = a.ndim
+        kind = {"f": 2, "i": 0, "u": 1, "c": 5, "b": 6}[a.dtype.kind]
+        t.dtype = DLDataType(self.code if self.code is not None else kind,
+                             self.bits if self.bits is not None else a.dtype.itemsize * 8, self.lanes)
+        t.shape = shape
+        if self.strides is None:
+            t.strides = None
+        else:
+            st = [s // a.itemsize for s in a.strides] if self.strides == "auto" else list(self.strides)
+            strides = (ctypes.c_int64 * max(a.ndim, 1))(*st)
+            t.strides = strides
+            self._keep.append(strides)
+        if self.versioned:
+            m = DLManagedTensorVersioned()
+            m.version = DLPackVersion(self.major, 0)
+            m.flags = 1 if self.readonly else 0
+            m.dl_tensor = t
+        else:
+            m = DLManagedTensor()
+            m.dl_tensor = t
+        m.manager_ctx = None
+        m.deleter = self._deleter
+        self._keep += [shape, m]
+        self.exported += 1
+        return _PyCapsule_New(ctypes.addressof(m), _NAMES[self.versioned],
+                              ctypes.cast(self._destructor, ctypes.c_void_p))
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if max_version is not None and not self.accepts_max_version:
+            raise TypeError("__dlpack__() got an unexpected keyword argument 'max_version'")
+        return self._capsule()
+
+
+class LegacyOnlyProducer(RawProducer):
+    """A producer from before DLPack 1.0: __dlpack__ has no max_version keyword."""
+
+    def __init__(self, array, **kw):
+        super().__init__(array, versioned=False, **kw)
+
+    def __dlpack__(self, stream=None):  # noqa: D401 - old signature on purpose
+        return self._capsule()
