@@ -6,7 +6,16 @@ their prefill and decode through a C core (and CUDA kernels where built), taking
 returning any DLPack array without copies. SPEC.md is the contract.
 """
 
-from . import _C
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    import os as _os
+
+    raise ImportError(
+        f"based's compiled extension (based._C) is missing from {_os.path.dirname(__file__)}. If that is a "
+        "source checkout, build it in place with `pip install -e .` (or import based from another "
+        "directory after `pip install .`)."
+    ) from exc
 from ._arrays import parse_device as _parse_device
 from .feature_map import feature_dim, taylor_feature_map
 
