@@ -213,7 +213,8 @@ BASED_API based_status based_sliding_window_decode_ref(
  * negative (Python style); out-of-range indices fail before anything is written. */
 BASED_API based_status based_state_zero(DLTensor *t, const DLTensor *batch_indices);
 
-/* dst[...] = src[...]: same shape and dtype, any strides; dst must not overlap itself. */
+/* dst[...] = src[...]: same shape, any strides; dst must not overlap itself nor share
+ * memory with src. Float dtypes convert (round to nearest even); int64 copies to int64. */
 BASED_API based_status based_state_copy(DLTensor *dst, const DLTensor *src);
 
 /* dst[i] = src[indices[i]] along axis 0 (beam-search reordering). dst may be src

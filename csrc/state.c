@@ -40,6 +40,23 @@ static void for_each_in_row(const based_view *dst, int64_t b, const based_view *
     }
 }
 
+/* dst = src converted elementwise between float dtypes (any shapes' strides). */
+static void convert_all(const based_view *dst, const based_view *src) {
+    int64_t idx[BASED_MAX_NDIM] = {0};
+    for (int64_t n = 0; n < dst->numel; n++) {
+        int64_t doff = 0, soff = 0;
+        for (int32_t d = 0; d < dst->ndim; d++) {
+            doff += idx[d] * dst->strides[d];
+            soff += idx[d] * src->strides[d];
+        }
+        based_store_f64(dst->data, dst->dtype, doff, based_load_f64(src->data, src->dtype, soff));
+        for (int32_t d = dst->ndim - 1; d >= 0; d--) {
+            if (++idx[d] < dst->shape[d]) break;
+            idx[d] = 0;
+        }
+    }
+}
+
 static based_status check_state_tensor(based_view *v, const DLTensor *t, const char *name, const char *op) {
     BASED_TRY(based_view_init(v, t, name));
     if (v->ndim < 1)
@@ -92,8 +109,14 @@ based_status based_state_zero(DLTensor *t_, const DLTensor *indices) {
     return BASED_STATUS_OK;
 }
 
-static based_status check_pair(based_view *dst, based_view *src, const char *op) {
-    BASED_TRY(based_check_same_dtype(src, dst));
+static based_status check_pair(based_view *dst, based_view *src, const char *op, int convert) {
+    if (convert && dst->dtype != src->dtype) {
+        /* float <-> float converts (rounding to nearest even); int64 only to int64 */
+        if ((BASED_DTYPES_FLOAT & (1u << dst->dtype)) == 0 || (BASED_DTYPES_FLOAT & (1u << src->dtype)) == 0)
+            BASED_TRY(based_check_same_dtype(src, dst));
+    } else {
+        BASED_TRY(based_check_same_dtype(src, dst));
+    }
     const based_view *all[] = {dst, src};
     BASED_TRY(based_check_same_device(all, 2));
     BASED_TRY(based_check_no_self_overlap(dst));
@@ -111,7 +134,7 @@ based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
     based_view dst, src;
     BASED_TRY(check_state_tensor(&dst, dst_, "dst", "copy_"));
     BASED_TRY(check_state_tensor(&src, src_, "src", "copy_"));
-    BASED_TRY(check_pair(&dst, &src, "copy_"));
+    BASED_TRY(check_pair(&dst, &src, "copy_", 1));
     if (dst.shape[0] != src.shape[0]) {
         char a[128], b[128];
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: src has shape %s, which does not match dst %s",
@@ -122,6 +145,10 @@ based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
         based_clear_error();
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: dst and src share memory; copy from a clone instead");
     }
+    if (dst.dtype != src.dtype) {
+        convert_all(&dst, &src);
+        return BASED_STATUS_OK;
+    }
     for (int64_t b = 0; b < dst.shape[0]; b++) for_each_in_row(&dst, b, &src, b);
     return BASED_STATUS_OK;
 }
@@ -130,7 +157,7 @@ based_status based_state_gather(DLTensor *dst_, const DLTensor *src_, const DLTe
     based_view dst, src;
     BASED_TRY(check_state_tensor(&dst, dst_, "dst", "index_select"));
     BASED_TRY(check_state_tensor(&src, src_, "src", "index_select"));
-    BASED_TRY(check_pair(&dst, &src, "index_select"));
+    BASED_TRY(check_pair(&dst, &src, "index_select", 0));
     int64_t *idx, n;
     BASED_TRY(read_indices(indices, src.shape[0], "index_select", &idx, &n));
     if (n != dst.shape[0]) {

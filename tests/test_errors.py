@@ -89,8 +89,10 @@ def test_state_helper_errors():
         _C.state_zero(t, np.zeros((1, 1), np.int64))
     with pytest.raises(ValueError, match=r"copy_: src has shape \(3, 5\), which does not match dst \(3, 4\)"):
         _C.state_copy(t, np.zeros((3, 5), np.float32))
+    with pytest.raises(TypeError, match=r"src must have the dtype of dst \(float32\), got int64"):
+        _C.state_copy(t, np.zeros((3, 4), np.int64))
     with pytest.raises(TypeError, match=r"src must have the dtype of dst \(float32\), got float64"):
-        _C.state_copy(t, np.zeros((3, 4)))
+        _C.state_gather(t, np.zeros((3, 4)), np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="index_select: 2 batch indices given for a destination of batch size 3"):
         _C.state_gather(t, t.copy(), np.array([0, 1]))
     assert np.all(t == 1)
@@ -111,6 +113,9 @@ def test_state_helpers_work():
     np.testing.assert_array_equal(small, orig[[2, 0]])
     _C.state_zero(t, None)
     assert not t.any()
+    half = np.empty((4, 3, 2), np.float16)
+    _C.state_copy(half, orig)                                  # float32 -> float16, rounded
+    np.testing.assert_array_equal(half, orig.astype(np.float16))
 
 
 @requires_torch
