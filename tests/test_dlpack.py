@@ -357,3 +357,30 @@ def test_cuda_tensor_gets_a_clear_not_implemented():
     with pytest.raises(NotImplementedError, match="no CUDA kernel for taylor_feature_map"):
         based.taylor_feature_map(x, out=out)
     assert torch.isnan(out).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Other array libraries (where installed: the GPU machine has CuPy and JAX)
+# ---------------------------------------------------------------------------------------
+
+
+def test_jax_cpu_in_and_out():
+    jax = pytest.importorskip("jax")
+    cpu = jax.devices("cpu")[0]
+    x = jax.device_put(jax.numpy.asarray(np.random.default_rng(9).standard_normal((3, 4)), dtype="float32"), cpu)
+    y = based.taylor_feature_map(x)                   # jax in -> jax out (via based.Buffer, zero-copy)
+    assert isinstance(y, jax.Array)
+    np.testing.assert_allclose(np.asarray(y), ref.taylor_feature_map(np.asarray(x)), rtol=1e-6)
+    buf = based.zeros((4, 16))
+    view = jax.dlpack.from_dlpack(buf)              # legacy capsule path, 256-byte aligned: no copy
+    assert view.unsafe_buffer_pointer() == buf.data_ptr
+
+
+@requires_cuda
+def test_cupy_zero_copy_both_ways():
+    cupy = pytest.importorskip("cupy")
+    buf = based.zeros((5, 3), "float32", device="cuda")
+    c = cupy.from_dlpack(buf)
+    assert c.data.ptr == buf.data_ptr
+    info = _C.dlpack_info(c)
+    assert info[0] == (5, 3) and info[2][0] == 2
