@@ -15,6 +15,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "training", "train_shakespeare.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second OpenMP thread only adds synchronisation, and on a
+    loaded machine its spin-waits make a run ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def train():
     spec = importlib.util.spec_from_file_location("train_shakespeare", SCRIPT)
@@ -33,7 +43,8 @@ def text(tmp_path_factory):
 
 def smoke_args(out, data, *extra):
     return ["--preset", "smoke", "--device", "cpu", "--out", str(out), "--data", data, "--steps", "20",
-            "--eval-every", "10", "--log-every", "5", "--eval-bytes", "1024", *extra]
+            "--eval-every", "10", "--log-every", "5", "--eval-bytes", "1024", "--batch-size", "4", "--seq-len", "32",
+            "--dropout", "0.1", *extra]
 
 
 def test_smoke_run_learns_and_writes_its_files(train, text, tmp_path):
