@@ -35,3 +35,47 @@ def taylor_kernel(q, k, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     s = scale * np.sum(q * k, axis=-1)
     return 1.0 + s + 0.5 * s * s
+
+
+def linear_attention(q, k, v, scale=None, normalize=True, eps=1e-6):
+    """Causal Taylor linear attention, quadratic form (SPEC 1.1; paper Sec. 4.1, Eq. 2-4), float64.
+
+    q, k: (B, T, H, Dk); v: (B, T, H, Dv). Returns (B, T, H, Dv)::
+
+        o_t = sum_{u<=t} K(q_t, k_u) v_u / (sum_{u<=t} K(q_t, k_u) + eps),  K = 1 + s + s^2/2
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    t = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = scale * np.einsum("bthd,buhd->bhtu", q, k)
+    kernel = (1.0 + s + 0.5 * s * s) * np.tril(np.ones((t, t)))
+    num = np.einsum("bhtu,buhd->bthd", kernel, v)
+    if not normalize:
+        return num
+    den = kernel.sum(-1).transpose(0, 2, 1)[..., None]          # (B, T, H, 1)
+    return num / (den + eps)
+
+
+def sliding_window_attention(q, k, v, window, scale=None):
+    """Causal softmax attention over keys u in (t - window, t] (SPEC 1.2), float64.
+
+    q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0, query head h reads kv head
+    h // (H // Hkv). Returns (B, T, H, D).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    t, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+    group = heads // kv_heads
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = scale * np.einsum("bthd,buhd->bhtu", q, k)
+    pos = np.arange(t)
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhtu,buhd->bthd", p, v)

@@ -1,0 +1,34 @@
+"""based.nn: the BASED language model in PyTorch (Arora et al., ICML 2024).
+
+Modules: ``RMSNorm``, ``SwiGLU``, ``BaseConv`` (+ ``BaseConvState``), ``LinearAttention``,
+``SlidingWindowAttention``, and ``BasedLM`` configured by a ``BasedConfig``;
+``evaluate_loss`` measures held-out cross-entropy. Training runs the differentiable
+pure-PyTorch paths in ``based.nn.functional`` (the exact math of SPEC 1.1 and 1.2).
+
+PyTorch is needed here and only here: ``import based`` works without it.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("based.nn needs PyTorch, which is not installed (the rest of based works without "
+                      "it). Install a build for your machine, e.g. `pip install torch`.") from exc
+
+from .attention import LinearAttention, SlidingWindowAttention
+from .config import LAYER_KINDS, BasedConfig
+from .layers import BaseConv, BaseConvState, RMSNorm, SwiGLU
+from .model import BasedBlock, BasedLM, evaluate_loss
+
+__all__ = [
+    "LAYER_KINDS",
+    "BaseConv",
+    "BaseConvState",
+    "BasedBlock",
+    "BasedConfig",
+    "BasedLM",
+    "LinearAttention",
+    "RMSNorm",
+    "SlidingWindowAttention",
+    "SwiGLU",
+    "evaluate_loss",
+]

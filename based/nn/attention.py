@@ -1,0 +1,109 @@
+"""The two attention mixers of BASED as PyTorch modules.
+
+Each is split into ``project`` (x -> q, k, v in SPEC 2's ``(B, T, H, D)`` layout, rotary
+applied), ``attend`` (the differentiable training path, ``based.nn.functional``) and
+``output`` (heads -> d_model). Inference methods that hand the projected q, k, v to based's
+kernels (``based.linear_attention_prefill/decode``, ``based.sliding_window_prefill/decode``)
+reuse ``project`` and ``output`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional
+
+
+class LinearAttention(nn.Module):
+    """Taylor linear attention layer (SPEC 1.1; paper Sec. 4.1).
+
+    q and k are projected to ``heads x feature_dim`` (Dk, 16 in the paper), v to
+    ``heads x head_dim`` (Dv: 64 in the 360M model, 112 in the 1.3B one); the heads' outputs
+    are concatenated and projected back to ``dim``. No positional encoding (paper.md Sec. 1.7),
+    no biases. Normalised, ``eps`` in the denominator, ``scale = 1 / sqrt(feature_dim)``.
+
+    Shapes: ``forward``: ``(B, T, dim) -> (B, T, dim)``.
+    """
+
+    def __init__(self, dim: int, heads: int, feature_dim: int = 16, head_dim: int = 64, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.feature_dim, self.head_dim, self.eps = heads, feature_dim, head_dim, eps
+        self.scale = 1.0 / math.sqrt(feature_dim)
+        self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.k_proj = nn.Linear(dim, heads * feature_dim, bias=False)
+        self.v_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def project(self, x: torch.Tensor):
+        """``(B, T, dim)`` -> q, k ``(B, T, H, Dk)`` and v ``(B, T, H, Dv)``."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.feature_dim)
+        k = self.k_proj(x).view(b, t, self.heads, self.feature_dim)
+        v = self.v_proj(x).view(b, t, self.heads, self.head_dim)
+        return q, k, v
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """Training path: ``(B, T, H, Dv)`` from the quadratic form of SPEC 1.1."""
+        return functional.linear_attention(q, k, v, scale=self.scale, normalize=True, eps=self.eps)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H, Dv)`` -> ``(B, T, dim)``."""
+        return self.out_proj(o.flatten(-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.attend(*self.project(x)))
+
+
+class SlidingWindowAttention(nn.Module):
+    """Sliding-window softmax attention layer with rotary embeddings and GQA (SPEC 1.2).
+
+    Query t attends keys ``(t - window, t]`` (``window`` keys, itself included). q is projected
+    to ``heads x head_dim``, k and v to ``kv_heads x head_dim`` (``kv_heads`` divides ``heads``;
+    query head h reads kv head ``h // (heads // kv_heads)``). Rotary embeddings (full head dim,
+    non-interleaved, ``rotary_base``) are applied to q and k in ``project``, before attention.
+    ``scale = 1 / sqrt(head_dim)``; no biases.
+
+    Shapes: ``forward``: ``(B, T, dim) -> (B, T, dim)``.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, window: int,
+                 rotary_base: float = 10000.0):
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.window, self.rotary_base = window, rotary_base
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def project(self, x: torch.Tensor, start=0):
+        """``(B, T, dim)`` at positions ``start + [0, T)`` -> q ``(B, T, H, D)``, k and v
+        ``(B, T, Hkv, D)``, rotary applied to q and k. ``start``: an int, or a ``(B,)`` integer
+        tensor giving each sequence's own first position (a cache's ``tokens``)."""
+        b, t, _ = x.shape
+        positions = functional.rotary_positions(start, t, x.device)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q = functional.apply_rotary(q, positions, self.rotary_base)
+        k = functional.apply_rotary(k, positions, self.rotary_base)
+        return q, k, v
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        """Training path: ``(B, T, H, D)`` through a boolean band mask (SPEC 1.2)."""
+        return functional.sliding_window_attention(q, k, v, window=self.window, scale=self.scale)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H, D)`` -> ``(B, T, dim)``."""
+        return self.out_proj(o.flatten(-2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.attend(*self.project(x)))

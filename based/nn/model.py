@@ -1,0 +1,213 @@
+"""BasedLM: a byte-level BASED language model, its files, and held-out loss."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import LinearAttention, SlidingWindowAttention
+from .config import BasedConfig
+from .layers import BaseConv, RMSNorm, SwiGLU
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def make_mixer(kind: str, config: BasedConfig) -> nn.Module:
+    """The sequence mixer of one block: ``"conv"``, ``"linear"`` or ``"window"``."""
+    c = config
+    if kind == "conv":
+        return BaseConv(c.d_model, c.conv_inner, c.conv_kernel)
+    if kind == "linear":
+        return LinearAttention(c.d_model, c.linear_heads, c.linear_feature_dim, c.linear_head_dim, c.linear_eps)
+    if kind == "window":
+        return SlidingWindowAttention(c.d_model, c.window_heads, c.window_kv_heads, c.window_head_dim, c.window,
+                                      c.rotary_base)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+class BasedBlock(nn.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, then ``x + SwiGLU(norm(x))``.
+
+    Shapes: ``(B, T, d_model) -> (B, T, d_model)``. Dropout (training only) is applied to
+    each branch's output before the residual add.
+    """
+
+    def __init__(self, kind: str, config: BasedConfig):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = make_mixer(kind, config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.mixer_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class BasedLM(nn.Module):
+    """Byte-level BASED language model (Arora et al., ICML 2024, Sec. 4 and 6).
+
+    Token embedding -> ``BasedBlock`` per entry of ``config.layers`` -> RMSNorm -> LM head.
+    No absolute positions: the window layers carry rotary embeddings, the linear-attention
+    and conv layers are position-free (paper.md Sec. 1.7). The LM head is untied from the
+    embedding (for a 256-byte vocabulary it costs ``256 * d_model`` parameters, and it keeps
+    every weight a separate tensor in the safetensors file).
+
+    Shapes: ``forward``: int tokens ``(B, T)`` -> logits ``(B, T, vocab_size)`` (float32 outside
+    autocast). Weights are initialised N(0, 0.02), output projections of every branch scaled
+    by ``1 / sqrt(2 * n_layers)`` (GPT-2's residual scaling); biases zero, norms one.
+    """
+
+    def __init__(self, config: BasedConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(BasedBlock(kind, config) for kind in config.layers)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * len(self.blocks))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("out_proj", "down_proj")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_dropout(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- files ------------------------------------------------------------------------
+
+    def save_pretrained(self, directory, *, dtype: torch.dtype = torch.float16) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (weights cast to ``dtype``) into
+        ``directory`` (created if missing)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        self.config.save(os.path.join(directory, CONFIG_NAME))
+        weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.state_dict().items()}
+        save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype = torch.float32) -> "BasedLM":
+        """Load a model written by ``save_pretrained``, in eval mode, weights cast to ``dtype``.
+
+        Raises FileNotFoundError if a file is missing, ValueError if the weights do not
+        match the config (missing, unexpected or mis-shaped tensors).
+        """
+        from safetensors.torch import load_file
+
+        config = BasedConfig.load(os.path.join(directory, CONFIG_NAME))
+        weights = load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu")
+        model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not match config.json: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for name, t in weights.items():
+            if tuple(t.shape) != tuple(expected[name].shape):
+                raise ValueError(f"{directory}: {name} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(expected[name].shape)}")
+        model.load_state_dict(weights)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _as_byte_tensor(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data.detach().to("cpu", torch.uint8).reshape(-1)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return torch.from_numpy(np.frombuffer(bytes(data), dtype=np.uint8).copy())
+    return torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1))        # a copy: may be read-only
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data, seq_len: int, *, batch_size: int = 32, max_bytes: int | None = None,
+                  device=None, autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean next-byte cross-entropy of ``model`` on ``data``, in nats per byte.
+
+    ``data`` (bytes, a uint8 array or tensor; the first ``max_bytes`` of it when given) is cut
+    into consecutive non-overlapping windows of ``seq_len`` inputs, each predicting the next
+    ``seq_len`` bytes from nothing but its own window (the last window may be shorter). Every
+    byte except the first is predicted exactly once, so the result is deterministic and
+    independent of ``batch_size``.
+
+    Args:
+        model: maps int64 tokens ``(B, T)`` to logits ``(B, T, V)`` (a ``BasedLM``).
+        seq_len: context per window, >= 1.
+        device: where to run (default: the model's parameters' device).
+        autocast_dtype: e.g. ``torch.bfloat16`` to evaluate under autocast; None for none.
+
+    Raises ValueError if fewer than 2 bytes are given or seq_len < 1. The model's training
+    mode is restored afterwards.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    tokens = _as_byte_tensor(data)
+    if max_bytes is not None:
+        tokens = tokens[: int(max_bytes)]
+    if tokens.numel() < 2:
+        raise ValueError(f"need at least 2 bytes to evaluate, got {tokens.numel()}")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    n = tokens.numel() - 1                      # bytes predicted
+    full = n // seq_len
+    windows = [(s, seq_len) for s in range(0, full * seq_len, seq_len)]
+    if n % seq_len:
+        windows.append((full * seq_len, n % seq_len))
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for i in range(0, len(windows), batch_size):
+            group = windows[i:i + batch_size]
+            length = group[0][1]
+            if any(w[1] != length for w in group):      # the short tail window runs alone
+                total += _window_loss(model, tokens, group[:-1], device, autocast_dtype)
+                group = group[-1:]
+            total += _window_loss(model, tokens, group, device, autocast_dtype)
+    finally:
+        model.train(was_training)
+    return total / n
+
+
+def _window_loss(model, tokens, windows, device, autocast_dtype) -> float:
+    # windows: [(start, length)] of equal length -> summed cross-entropy (nats)
+    if not windows:
+        return 0.0
+    length = windows[0][1]
+    starts = torch.tensor([s for s, _ in windows])
+    idx = starts[:, None] + torch.arange(length + 1)                  # (B, L + 1)
+    batch = tokens[idx].to(device=device, dtype=torch.int64)
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with autocast:
+        logits = model(batch[:, :-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))       # at least float32
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+    return float(loss)
