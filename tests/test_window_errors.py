@@ -138,7 +138,8 @@ def test_window_is_required_without_a_cache():
 
 
 DECODE_CASES = {
-    "q-ndim": (lambda q, k, v, o: (q[:, None], k, v, o), ValueError, r"q must have shape \(B, H, D\), got \(2, 1, 4, 8\)"),
+    "q-ndim": (lambda q, k, v, o: (q[:, None], k, v, o), ValueError,
+               r"q must have shape \(B, H, D\), got \(2, 1, 4, 8\)"),
     "k-kv-heads": (lambda q, k, v, o: (q, k[:, :1], v, o), ValueError,
                    r"v must have shape \(B=2, Hkv=1, D=8\), got \(2, 2, 8\)"),
     "gqa-groups": (lambda q, k, v, o: (q[:, :3], k, v, o[:, :3]), ValueError,
