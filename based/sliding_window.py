@@ -76,6 +76,20 @@ def _dtype_arg(dtype) -> str:
     return name
 
 
+def _key_ring(like, shape, dtype, device):
+    """Zeros of shape (B, Hkv, W, D) whose memory is slot-contiguous, i.e. a view of a
+    row-major (B, Hkv, D, W) array: a decode step then reads each key dimension of the
+    window as one contiguous run, with no transpose. A based.Buffer (or another library's
+    array) has no strided views, so it stays row-major; the kernels take either."""
+    b, h, w, d = shape
+    k = _arrays.zeros(like, (b, h, d, w), dtype, device)
+    if _arrays.is_torch(k):
+        return k.transpose(2, 3)
+    if isinstance(k, np.ndarray):
+        return k.swapaxes(2, 3)
+    return _arrays.zeros(like, shape, dtype, device)
+
+
 class SlidingWindowCache(RecurrentState):
     """Keys and values of the last ``window`` positions of each sequence, in ring buffers.
 
@@ -83,7 +97,9 @@ class SlidingWindowCache(RecurrentState):
     them changes the cache):
 
     * ``k``, ``v``: ``(batch, kv_heads, window, head_dim)``. The key of absolute position
-      p of sequence b lives in ``k[b, :, p % window]``.
+      p of sequence b lives in ``k[b, :, p % window]``. For torch and numpy caches, ``k``
+      is a view with strides ``(..., 1, window)`` (memory laid out slot-contiguous, which
+      decode reads without a transpose); it is not C-contiguous, index it as usual.
     * ``tokens``: ``(batch,)`` int64, positions seen so far per sequence. The valid slots
       of sequence b hold its last ``min(tokens[b], window)`` positions; other slots are
       never read. Sequences may have different counts (e.g. after ``reset`` of some).
@@ -133,7 +149,7 @@ class SlidingWindowCache(RecurrentState):
         scale = _scale_arg(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
         tensors = {
-            "k": _arrays.zeros(like, shape, dtype, device),
+            "k": _key_ring(like, shape, dtype, device),
             "v": _arrays.zeros(like, shape, dtype, device),
             "tokens": _arrays.zeros(like, (batch,), "int64", device),
         }

@@ -203,6 +203,28 @@ static inline float window_exp_f32(float x) {
     return x > -87.33654f ? e : (x == x ? 0.0f : x);
 }
 
+/* bfloat16 and float16 bit patterns to float32 (the values of based_bf16_to_f32 and
+ * based_f16_to_f32), inline and branch-free so that row loads vectorise. */
+static inline float window_bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float window_f16_to_f32(uint16_t h) {
+    const uint32_t em = h & 0x7fffu, sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t normal = (em << 13) + 0x38000000u;  /* exponent bias 15 -> 127 */
+    const uint32_t inf_nan = (em << 13) | 0x7f800000u; /* payload kept */
+    const float sub = (float)(int32_t)em * 5.9604644775390625e-8f; /* subnormal: mantissa * 2^-24, exact */
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, sizeof sub_bits);
+    const uint32_t u = sign | (em >= 0x7c00u ? inf_nan : em >= 0x0400u ? normal : sub_bits);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 #define REAL float
 #define NATIVE BASED_DTYPE_FLOAT32
 #define EXP window_exp_f32

@@ -66,17 +66,34 @@ BASED_WINDOW_INLINE void FN(window_load_row)(REAL *dst, int64_t dst_stride, cons
     if (dt == NATIVE) {
         const REAL *x = (const REAL *)src;
         for (int64_t i = 0; i < n; i++) dst[i * dst_stride] = x[i * stride];
+    } else if (dt == BASED_DTYPE_BFLOAT16) {
+        const uint16_t *x = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i * dst_stride] = (REAL)window_bf16_to_f32(x[i * stride]);
+    } else if (dt == BASED_DTYPE_FLOAT16) {
+        const uint16_t *x = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i * dst_stride] = (REAL)window_f16_to_f32(x[i * stride]);
     } else {
         for (int64_t i = 0; i < n; i++) dst[i * dst_stride] = (REAL)LOAD(src, dt, i * stride);
     }
 }
 
+/* dst[i * ld + r] = src[r * ld_src + i] for r, i < LANES: a fixed-size block transpose,
+ * which the compiler turns into vector shuffles. */
+BASED_WINDOW_INLINE void FN(window_transpose_block)(REAL *restrict dst, int64_t ld, const REAL *restrict src,
+                                                    int64_t ld_src) {
+    REAL t[LANES][LANES];
+    for (int r = 0; r < LANES; r++)
+        for (int i = 0; i < LANES; i++) t[r][i] = src[r * ld_src + i];
+    for (int i = 0; i < LANES; i++)
+        for (int r = 0; r < LANES; r++) dst[i * ld + r] = t[r][i];
+}
+
 /* Keys and values of absolute positions from .. to-1 (sequence b, kv head kh) into
- * columns / rows j0.. of the chunk: from the ring cache for positions before the call
- * (pos < t0), else from the call's inputs. Key rows go through `tile` so that each store
- * into kt fills LANES consecutive columns. */
-BASED_WINDOW_INLINE void FN(window_load_kv)(const based_window_call *c, const FN(window_scratch) *sc, int64_t b,
-                                            int64_t kh, int64_t t0, int64_t from, int64_t to, int64_t j0) {
+ * columns / rows j0.. of the chunk, one row at a time: from the ring cache for positions
+ * before the call (pos < t0), else from the call's inputs. Key rows go through `tile`
+ * and are transposed LANES at a time, so each store into kt fills LANES columns. */
+BASED_WINDOW_INLINE void FN(window_load_rows)(const based_window_call *c, const FN(window_scratch) *sc, int64_t b,
+                                              int64_t kh, int64_t t0, int64_t from, int64_t to, int64_t j0) {
     const int64_t d = c->head_dim, dp = DP_OF(d), kcp = sc->kcp;
     for (int64_t p0 = from; p0 < to; p0 += LANES) {
         const int64_t rows = to - p0 < LANES ? to - p0 : LANES, j = j0 + (p0 - from);
@@ -105,15 +122,44 @@ BASED_WINDOW_INLINE void FN(window_load_kv)(const based_window_call *c, const FN
             FN(window_load_row)(sc->tile + r * d, 1, kp, c->k.dtype, d, ks);
             FN(window_load_row)(sc->vv + (j + r) * dp, 1, vp, c->v.dtype, d, vs);
         }
-        REAL *restrict kt = sc->kt + j;
-        const REAL *restrict tile = sc->tile;
-        if (rows == LANES) /* a fixed trip count: unrolled, without a branch per element */
-            for (int64_t i = 0; i < d; i++)
-                for (int r = 0; r < LANES; r++) kt[i * kcp + r] = tile[r * d + i];
-        else
-            for (int64_t i = 0; i < d; i++)
-                for (int64_t r = 0; r < rows; r++) kt[i * kcp + r] = tile[r * d + i];
+        REAL *kt = sc->kt + j;
+        int64_t i = 0;
+        if (rows == LANES)
+            for (; i + LANES <= d; i += LANES) FN(window_transpose_block)(kt + i * kcp, kcp, sc->tile + i, d);
+        for (; i < d; i++)
+            for (int64_t r = 0; r < rows; r++) kt[i * kcp + r] = sc->tile[r * d + i];
     }
+}
+
+/* The same for positions from .. to-1, all before the call (in the ring cache), when the
+ * key cache is slot-contiguous (k_cache[b, kh, :, i] has unit stride: the layout
+ * SlidingWindowCache allocates): key columns are copied as they lie, no transpose. */
+BASED_WINDOW_INLINE void FN(window_load_cached)(const based_window_call *c, const FN(window_scratch) *sc,
+                                                int64_t b, int64_t kh, int64_t from, int64_t to, int64_t j) {
+    const int64_t d = c->head_dim, dp = DP_OF(d), w = c->window;
+    for (int64_t pos = from; pos < to;) {
+        const int64_t slot = pos % w, seg = to - pos < w - slot ? to - pos : w - slot; /* up to the ring's end */
+        const char *k0 = based_window_row(&c->k_cache, b, kh, slot);
+        for (int64_t i = 0; i < d; i++)
+            FN(window_load_row)(sc->kt + i * sc->kcp + j, 1, k0 + i * c->k_cache.strides[3] * c->k_cache.itemsize,
+                                c->k_cache.dtype, seg, 1);
+        for (int64_t r = 0; r < seg; r++)
+            FN(window_load_row)(sc->vv + (j + r) * dp, 1, based_window_row(&c->v_cache, b, kh, slot + r),
+                                c->v_cache.dtype, d, c->v_cache.strides[3]);
+        pos += seg;
+        j += seg;
+    }
+}
+
+BASED_WINDOW_INLINE void FN(window_load_kv)(const based_window_call *c, const FN(window_scratch) *sc, int64_t b,
+                                            int64_t kh, int64_t t0, int64_t from, int64_t to, int64_t j0) {
+    if (c->k_cache.strides[2] == 1 && from < t0) {
+        const int64_t cached_end = to < t0 ? to : t0;
+        FN(window_load_cached)(c, sc, b, kh, from, cached_end, j0);
+        j0 += cached_end - from;
+        from = cached_end;
+    }
+    FN(window_load_rows)(c, sc, b, kh, t0, from, to, j0);
 }
 
 /* s[0 .. WIDTH) = q . k for the WIDTH keys at kp (transposed rows kcp apart): WIDTH

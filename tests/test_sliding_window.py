@@ -407,3 +407,67 @@ def test_property_chunks_and_decode_match_reference(batch, kv_heads, group, head
     whole = prefill("fast", q, k, v, new_cache(k, batch, kv_heads, window, head_dim))
     assert got.tobytes() == whole.tobytes()
     assert cache.tokens.tolist() == [total] * batch
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cache_layouts_agree_bit_for_bit(dtype):
+    """A SlidingWindowCache keeps k slot-contiguous (read without a transpose); a row-major
+    k cache (any strides are accepted) goes the general way. Continued prefill and decode read
+    the cache: both layouts must give the same bits."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    B, H, Hkv, D, W = 2, 4, 2, 24, 37
+    rng = np.random.default_rng(17)
+    (q, k, v), _ = make_inputs(rng, (B, 100, H, D), (B, 100, Hkv, D), dtype, lib="torch" if HAS_TORCH else "numpy")
+    ring = new_cache(k, B, Hkv, W, D)
+    slot_stride = ring.k.stride()[2] if HAS_TORCH else ring.k.strides[2] // ring.k.itemsize
+    assert slot_stride == 1
+    zeros = based._arrays.zeros
+    row_major = based.SlidingWindowCache(
+        {"k": zeros(k, (B, Hkv, W, D), dtype), "v": zeros(k, (B, Hkv, W, D), dtype), "tokens": zeros(k, (B,), "int64")},
+        {"window": W, "scale": ring.scale})
+    outs = {}
+    for name, cache in (("ring", ring), ("row-major", row_major)):
+        parts = [prefill("fast", q[:, :50], k[:, :50], v[:, :50], cache),
+                 prefill("fast", q[:, 50:90], k[:, 50:90], v[:, 50:90], cache)]
+        parts += [decode("fast", q[:, t], k[:, t], v[:, t], cache)[:, None] for t in range(90, 100)]
+        outs[name] = b"".join(bits(p) for p in parts)
+    assert outs["ring"] == outs["row-major"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_half_precision_value_loads_exactly(dtype):
+    """window=1 returns v exactly, so feeding all 65536 bit patterns as values checks the
+    kernel's inline float16/bfloat16 -> float32 conversion (shared by key and value loads)
+    on every input, subnormals, infinities and NaNs included."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    patterns = np.arange(2**16, dtype=np.uint16)
+    if dtype == "float16":
+        v = patterns.view(np.float16).reshape(1, -1, 1, 1)
+        q = np.zeros_like(v)
+        out, _ = based.sliding_window_prefill(q, q, v, window=1)
+        got, want = out.astype(np.float64), v.astype(np.float64)
+    else:
+        v = torch.from_numpy(patterns.view(np.int16)).view(torch.bfloat16).reshape(1, -1, 1, 1)
+        q = torch.zeros_like(v)
+        out, _ = based.sliding_window_prefill(q, q, v, window=1)
+        got, want = out.double().numpy(), v.double().numpy()
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+
+
+def test_float16_subnormal_keys():
+    """Keys that are float16 subnormals m * 2**-24 still separate under a large scale:
+    position 1 of each sequence attends keys [0, k_b] with q = 1, scale 2**20, so its
+    output is sigmoid(k_b * 2**20) = sigmoid(m / 16) (values 0 and 1)."""
+    m = np.concatenate([np.arange(1, 1024), -np.arange(1, 1024)])
+    k = np.zeros((m.size, 2, 1, 1), np.float16)
+    k[:, 1, 0, 0] = m * 2.0**-24                                       # exact: every one is a subnormal
+    v = np.zeros_like(k)
+    v[:, 1] = 1
+    q = np.ones_like(k)
+    out, _ = based.sliding_window_prefill(q, k, v, window=2, scale=2.0**20)
+    want = 1 / (1 + np.exp(-m / 16))
+    np.testing.assert_allclose(out[:, 1, 0, 0].astype(np.float64), want, rtol=2 * EPS["float16"], atol=2.0**-24)
