@@ -116,10 +116,11 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: tokens[%lld] must be >= 0, got %lld", op, (long long)b,
                               (long long)n);
-        if (n > INT64_MAX - T)
+        if (n > BASED_WINDOW_MAX_POSITION - T) /* headroom for the kernels' position arithmetic */
             return based_fail(BASED_STATUS_VALUE_ERROR,
-                              "%s: tokens[%lld] = %lld; adding %lld more would overflow int64", op, (long long)b,
-                              (long long)n, (long long)T);
+                              "%s: tokens[%lld] = %lld; positions must stay below 2^62, and adding T=%lld "
+                              "would pass that",
+                              op, (long long)b, (long long)n, (long long)T);
     }
 
     if (decode) {

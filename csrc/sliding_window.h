@@ -16,12 +16,15 @@
 /* Head dims the sliding-window ops accept (SPEC 1.2; the CUDA kernels share the limit). */
 #define BASED_WINDOW_MAX_HEAD_DIM 256
 
+/* Positions (tokens + T) stay below this, so position arithmetic never nears int64's end. */
+#define BASED_WINDOW_MAX_POSITION ((int64_t)1 << 62)
+
 typedef struct {
     /* decode views get a time axis of size 1, so both ops see prefill layouts */
     based_view q, out;           /* (B, T, H, D) */
     based_view k, v;             /* (B, T, Hkv, D) */
     based_view k_cache, v_cache; /* (B, Hkv, W, D), the dtype of k and v */
-    based_view tokens;           /* (B,) int64, every value >= 0 and tokens + T fits int64 */
+    based_view tokens;           /* (B,) int64, 0 <= tokens and tokens + T <= 2^62 */
     int64_t batch, seqlen, heads, kv_heads, head_dim, window;
     double scale;
 } based_window_call;

@@ -471,3 +471,23 @@ def test_float16_subnormal_keys():
     out, _ = based.sliding_window_prefill(q, k, v, window=2, scale=2.0**20)
     want = 1 / (1 + np.exp(-m / 16))
     np.testing.assert_allclose(out[:, 1, 0, 0].astype(np.float64), want, rtol=2 * EPS["float16"], atol=2.0**-24)
+
+
+def test_positions_up_to_the_limit():
+    """Sequences may sit anywhere below 2**62 positions: a cache whose tokens are near the limit
+    (as after a very long stream) still attends exactly the last W positions held in its ring."""
+    rng = np.random.default_rng(18)
+    B, H, D, W, T = 1, 2, 8, 5, 4
+    start = 2**62 - T
+    q, k, v = (rng.standard_normal((B, T, H, D)) for _ in range(3))
+    hist_k, hist_v = rng.standard_normal((B, H, W, D)), rng.standard_normal((B, H, W, D))
+    cache = based.SlidingWindowCache.zeros(B, H, W, D, dtype="float64", like=q)
+    for u in range(start - W, start):                                # the ring as the history left it
+        cache.k[:, :, u % W] = hist_k[:, :, u - (start - W)]
+        cache.v[:, :, u % W] = hist_v[:, :, u - (start - W)]
+    cache.tokens[:] = start
+    out, _ = based.sliding_window_prefill(q, k, v, cache=cache)
+    keys = np.concatenate([hist_k.transpose(0, 2, 1, 3), k], axis=1)  # positions start-W .. start+T-1
+    vals = np.concatenate([hist_v.transpose(0, 2, 1, 3), v], axis=1)
+    np.testing.assert_allclose(out, ref.sliding_window_attention(q, keys, vals, W, offset=W), rtol=1e-13, atol=1e-13)
+    assert cache.tokens.tolist() == [2**62]

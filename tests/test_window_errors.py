@@ -192,7 +192,8 @@ def raw_args(c):
     [
         (5, np.zeros(B, np.float32), TypeError, r"tokens must have dtype int64, got float32"),
         (5, np.array([3, -2]), ValueError, r"tokens\[1\] must be >= 0, got -2"),
-        (5, np.array([3, 2**63 - 3]), ValueError, r"tokens\[1\] = 9223372036854775805; adding 6 more would overflow"),
+        (5, np.array([3, 2**62 - 5]), ValueError,
+         r"tokens\[1\] = 4611686018427387899; positions must stay below 2\^62, and adding T=6 would pass that"),
         (5, np.zeros((B, 1), np.int64), ValueError, r"tokens must have 1 dimensions \(B=2,\)"),
         (7, 7, ValueError, r"k_cache must have shape \(B=2, Hkv=2, W=7, D=8\), got \(2, 2, 5, 8\)"),
         (7, 0, ValueError, r"window must be >= 1, got 0"),
