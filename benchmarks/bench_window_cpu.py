@@ -7,8 +7,11 @@ Decode baseline: a window-sized ring buffer in torch (write the new key and valu
 slot t % W, then SDPA of one query over all W slots, no mask: the cache is full), i.e.
 the best plain-PyTorch decode step, already O(W).
 
-Every case is checked against the baseline before it is timed. Times are the median of
-`repeat` runs after a warm-up; torch and based use the same number of threads.
+Every case is checked against the baseline before it is timed. A time is the fastest of
+`repeat` samples, each the mean over >= 0.2 s of calls, after a warm-up: on a machine shared
+with other jobs the fastest sample is the least disturbed one (a median can land on samples
+where another process held a core and stalled a 2-thread region). torch and based run with
+the same number of threads, the same statistic, in the same process.
 
 Run:  python benchmarks/bench_window_cpu.py            (about 2 minutes on 2 cores)
       python benchmarks/bench_window_cpu.py --quick    (smaller sizes, a few seconds)
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import time
 
@@ -31,8 +33,8 @@ import based
 
 
 def timed(fn, repeat, min_seconds=0.2):
-    """Median seconds of one call to fn: one warm-up call, then `repeat` samples, each the
-    mean over enough calls to last min_seconds (so short calls are not timer noise)."""
+    """Seconds per call of fn: the fastest of `repeat` samples (after a warm-up call), each
+    the mean over enough calls to last min_seconds (so short calls are not timer noise)."""
     fn()
     t = time.perf_counter()
     fn()
@@ -44,7 +46,7 @@ def timed(fn, repeat, min_seconds=0.2):
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t) / inner)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def band_mask(t, window):
@@ -81,7 +83,7 @@ def bench_prefill(b, t, h, hkv, d, w, dtype, repeat):
     err = (out.float() - want).abs().max().item()
     assert err < {"float32": 1e-4, "bfloat16": 5e-2}[dtype], f"based and SDPA disagree by {err}"
     t_ours = timed(ours, repeat)
-    t_theirs = timed(theirs, max(1, repeat // 2), min_seconds=0.0)
+    t_theirs = timed(theirs, max(1, repeat // 2), min_seconds=0.0)   # O(T^2): seconds per call at T=8192
     return t_ours, t_theirs, prefill_flops(b, t, h, d, w)
 
 
@@ -158,7 +160,7 @@ def main():
         ]
         decode = [(b, 16, 64, 65, dt) for b in (1, 16, 64) for dt in ("float32",)] + [(16, 16, 64, 65, "bfloat16")]
 
-    print("\n### Prefill (median ms; ratio = SDPA time / based time)\n")
+    print("\n### Prefill (ms; ratio = SDPA time / based time)\n")
     print("| B | T | H | Hkv | D | W | dtype | based ms | based GFLOP/s | SDPA+mask ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for case in prefill:
@@ -166,7 +168,7 @@ def main():
         print("| " + " | ".join(map(str, case)) + f" | {t_ours * 1e3:.2f} | {flops / t_ours / 1e9:.1f} | "
               f"{t_theirs * 1e3:.2f} | {t_theirs / t_ours:.1f}x |", flush=True)
 
-    print("\n### Decode, one token (median us; ratio = torch ring-buffer time / based time)\n")
+    print("\n### Decode, one token (us; ratio = torch ring-buffer time / based time)\n")
     print("| B | H | D | W | dtype | based us | based GB/s (cache read) | torch ring+SDPA us | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in decode:
