@@ -2,7 +2,7 @@
  * sliding_window_kernel.h -- the fast CPU sliding-window kernel, written once for a
  * compute type and included twice by sliding_window.c:
  *
- *   REAL  float (float32, float16, bfloat16 inputs) or double (float64 inputs)
+ *   REAL             float (float32, float16, bfloat16 inputs) or double (float64 inputs)
  *   NATIVE           the dtype that is REAL (BASED_DTYPE_FLOAT32 or _FLOAT64)
  *   EXP              exp of a score minus the running max (<= 0 or NaN)
  *   LOAD / SCATTER   based_load_f32/f64, based_scatter_f32/f64
