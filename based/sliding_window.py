@@ -134,7 +134,8 @@ class SlidingWindowCache(RecurrentState):
                 in -> numpy arrays); without it they are ``based.Buffer`` objects.
 
         Raises:
-            TypeError: a non-integer size, an unknown dtype, or no dtype and no like.
+            TypeError: a non-integer size, an unknown dtype, no dtype and no like, or
+                bfloat16 with a numpy like (numpy has no bfloat16).
             ValueError: a size or scale out of range, a bad device.
         """
         batch = _int_arg(batch, "batch", 0)
@@ -146,6 +147,9 @@ class SlidingWindowCache(RecurrentState):
                 raise TypeError("SlidingWindowCache.zeros needs a dtype (or like=, whose dtype it then takes)")
             dtype = _dtype_name(like)
         dtype = _dtype_arg(dtype)
+        if dtype == "bfloat16" and isinstance(like, np.ndarray):
+            raise TypeError("SlidingWindowCache.zeros: numpy has no bfloat16; pass like= a torch tensor, or "
+                            "like=None for based.Buffer tensors")
         scale = _scale_arg(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
         tensors = {

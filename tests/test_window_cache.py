@@ -77,9 +77,10 @@ def test_zeros_like_torch():
         ((-1, HKV, W, D), {"dtype": "float32"}, ValueError, "batch must be >= 0, got -1"),
         ((B, HKV, W, D), {"dtype": "float32", "scale": 0.0}, ValueError, "scale must be a finite number > 0"),
         ((B, HKV, W, D), {"dtype": "float32", "device": "tpu"}, ValueError, "device must be"),
+        ((B, HKV, W, D), {"dtype": "bfloat16", "like": np.empty(0)}, TypeError, "numpy has no bfloat16"),
     ],
     ids=["no-dtype", "int-dtype", "kv-heads-0", "window-0", "window-float", "head-dim-257", "batch-negative",
-         "scale-zero", "device"],
+         "scale-zero", "device", "numpy-bfloat16"],
 )
 def test_zeros_rejects(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
