@@ -58,24 +58,33 @@ def linear_attention(q, k, v, scale=None, normalize=True, eps=1e-6):
     return num / (den + eps)
 
 
-def sliding_window_attention(q, k, v, window, scale=None):
-    """Causal softmax attention over keys u in (t - window, t] (SPEC 1.2), float64.
+def sliding_window_mask(t_q, t_k, window, offset=0):
+    """Boolean (t_q, t_k) band: query i (absolute position offset + i) may attend key j
+    (absolute position j) iff offset + i - window < j <= offset + i (SPEC 1.2; flash-attention
+    window_size=(window - 1, 0))."""
+    p = offset + np.arange(t_q)[:, None]
+    u = np.arange(t_k)[None, :]
+    return (u <= p) & (u > p - window)
 
-    q: (B, T, H, D); k, v: (B, T, Hkv, D), H % Hkv == 0, query head h reads kv head
-    h // (H // Hkv). Returns (B, T, H, D).
+
+def sliding_window_attention(q, k, v, window, scale=None, offset=0):
+    """Sliding-window softmax attention in float64 with an explicit mask (SPEC 1.2, paper Sec. 4).
+
+    q: (B, T, H, D) queries at absolute positions offset .. offset+T-1; k, v: (B, offset+T,
+    Hkv, D) keys and values of every position from 0 (the history a cache would hold, then
+    the call's own); H % Hkv == 0, query head h reads kv head h // (H // Hkv).
+    Returns (B, T, H, D) float64:
+        o[b, t, h] = softmax(scale * q[b, t, h] @ k[b, :, h // G].T  masked to the band) @ v[b, :, h // G]
     """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    t, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
-    group = heads // kv_heads
-    k = np.repeat(k, group, axis=2)
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    _, t_q, heads, dim = q.shape
+    group = heads // k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    k = np.repeat(k, group, axis=2)                 # (B, S, H, D): kv head h // group for head h
     v = np.repeat(v, group, axis=2)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    s = scale * np.einsum("bthd,buhd->bhtu", q, k)
-    pos = np.arange(t)
-    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-    s = np.where(allowed, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhtu,buhd->bthd", p, v)
+    scores = scale * np.einsum("bthd,bshd->bhts", q, k)
+    scores = np.where(sliding_window_mask(t_q, k.shape[1], window, offset), scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True, initial=-np.inf)   # every row holds its own key
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
