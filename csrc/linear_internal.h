@@ -54,10 +54,8 @@ typedef struct {
     int64_t C, Dk, F, Dv, ld, ldc;
     double scale, eps;
     int normalize;
-    void *q;     /* (C, Dk)   queries of the chunk, token-major (raw, unscaled)  */
-    void *k;     /* (C, Dk)   keys of the chunk                                   */
-    void *qt;    /* (Dk, ldc) q transposed                                        */
-    void *kt;    /* (Dk, ldc) k transposed                                        */
+    void *qt;    /* (Dk, ldc) queries of the chunk, feature-major (raw, unscaled) */
+    void *kt;    /* (Dk, ldc) keys of the chunk                                   */
     void *phiq;  /* (F, ldc)  phi(q) of the chunk, feature-major                  */
     void *phik;  /* (F, ldc)  phi(k) of the chunk                                 */
     void *att;   /* (C, ldc)  1 + s + s^2/2 on and below the diagonal (causal)    */

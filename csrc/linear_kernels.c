@@ -1,11 +1,12 @@
 /*
  * linear_kernels.c -- the portable instantiation of linear_kernels.h: plain C for any
- * target (SSE2 on a default x86-64 build). The compiler vectorises with its baseline
- * vectors; a * b + c stays unfused (C11 mode does not contract).
+ * target (SSE2 on a default x86-64 build): 16-byte vectors, a * b + c unfused (C11 mode
+ * does not contract).
  */
 #include "linear_internal.h"
 
 #define LK_FMA(a, b, c) ((a) * (b) + (c))
+#define LK_VFMA(s, b, c) ((s) * (b) + (c))
 
 #define LK_REAL float
 #define LK_VEC 4

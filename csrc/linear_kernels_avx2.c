@@ -9,21 +9,25 @@
 
 #if BASED_LIN_HAVE_AVX2
 #pragma GCC target("avx2,fma")
+#include <immintrin.h>
 
 #define LK_REAL float
 #define LK_VEC 8
 #define LK_SFX f32
 #define LK_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
+#define LK_VFMA(s, b, c) _mm256_fmadd_ps(_mm256_set1_ps(s), (b), (c))
 #include "linear_kernels.h"
 #undef LK_REAL
 #undef LK_VEC
 #undef LK_SFX
 #undef LK_FMA
+#undef LK_VFMA
 
 #define LK_REAL double
 #define LK_VEC 4
 #define LK_SFX f64
 #define LK_FMA(a, b, c) __builtin_fma((a), (b), (c))
+#define LK_VFMA(s, b, c) _mm256_fmadd_pd(_mm256_set1_pd(s), (b), (c))
 #include "linear_kernels.h"
 
 const based_lin_kernels based_lin_kernels_avx2 = {
