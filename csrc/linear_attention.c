@@ -366,28 +366,48 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
  * Decode: one token per sequence, one pass over the state.
  * --------------------------------------------------------------------------------- */
 
-/* One (b, h) in compute type REAL. `ws` holds phiq, phik (F), v, num, row (Dv). */
-#define BASED_LIN_DECODE_HEAD(REAL, SFX, GATHER, SCATTER, LOAD, STORE, DT)                                    \
+/* The contiguous float32 case inline, as in row_to_f32. */
+static inline void row_from_f32(char *p, based_dtype dt, int64_t n, int64_t stride, const float *src) {
+    if (dt == BASED_DTYPE_FLOAT32 && stride == 1) {
+        float *dst = (float *)p;
+        for (int64_t j = 0; j < n; j++) dst[j] = src[j];
+    } else {
+        based_scatter_f32(p, dt, n, stride, src);
+    }
+}
+
+static inline void row_from_f64(char *p, based_dtype dt, int64_t n, int64_t stride, const double *src) {
+    based_scatter_f64(p, dt, n, stride, src);
+}
+
+/* One (b, h) in compute type REAL (DT its dtype). `ws` holds phiq, phik (F), v, num, row
+ * (Dv) and xq, xk (Dk). The state is used in place when it has the compute dtype and
+ * contiguous rows, else row by row through a compute-type copy. */
+#define BASED_LIN_DECODE_HEAD(REAL, SFX, LOAD, STORE, DT)                                                   \
     static void decode_head_##SFX(const based_linear_args *a, const based_lin_kernels *kern, REAL *ws,       \
                                   int64_t b, int64_t h) {                                                    \
         const int64_t F = a->F, dv = a->Dv, dk = a->Dk;                                                      \
-        REAL *phiq = ws, *phik = phiq + F, *v = phik + F, *num = v + dv, *row = num + dv, *x = row + dv;     \
-        GATHER(x, a->q.data + based_lin_row(&a->q, 0, b, 0, h) * a->q.itemsize, a->q.dtype, dk,             \
-               a->q.strides[2]);                                                                             \
-        based_lin_phi_row_##SFX(x, dk, (REAL)a->scale, phiq);                                                \
-        GATHER(x, a->k.data + based_lin_row(&a->k, 0, b, 0, h) * a->k.itemsize, a->k.dtype, dk,             \
-               a->k.strides[2]);                                                                             \
-        based_lin_phi_row_##SFX(x, dk, (REAL)a->scale, phik);                                                \
-        GATHER(v, a->v.data + based_lin_row(&a->v, 0, b, 0, h) * a->v.itemsize, a->v.dtype, dv,             \
-               a->v.strides[2]);                                                                             \
+        REAL *phiq = ws, *phik = phiq + F, *v = phik + F, *num = v + dv, *row = num + dv, *xq = row + dv;    \
+        REAL *xk = xq + dk;                                                                                  \
+        row_to_##SFX(xq, 1, a->q.data + based_lin_row(&a->q, 0, b, 0, h) * a->q.itemsize, a->q.dtype, dk,   \
+                     a->q.strides[2]);                                                                       \
+        row_to_##SFX(xk, 1, a->k.data + based_lin_row(&a->k, 0, b, 0, h) * a->k.itemsize, a->k.dtype, dk,   \
+                     a->k.strides[2]);                                                                       \
+        row_to_##SFX(v, 1, a->v.data + based_lin_row(&a->v, 0, b, 0, h) * a->v.itemsize, a->v.dtype, dv,    \
+                     a->v.strides[2]);                                                                       \
+        kern->decode_phi_##SFX(xq, xk, dk, (REAL)a->scale, phiq, phik);                                     \
         for (int64_t j = 0; j < dv; j++) num[j] = 0;                                                         \
         /* normaliser: ksum += phi(k); den = phi(q) . ksum */                                                \
         char *sp = a->ksum.data + (b * a->ksum.strides[0] + h * a->ksum.strides[1]) * a->ksum.itemsize;     \
         REAL den = 0;                                                                                        \
-        for (int64_t f = 0; f < F; f++) {                                                                    \
-            const REAL z = LOAD(sp, a->ksum.dtype, f * a->ksum.strides[2]) + phik[f];                       \
-            STORE(sp, a->ksum.dtype, f * a->ksum.strides[2], z);                                             \
-            den += phiq[f] * z;                                                                              \
+        if (a->ksum.dtype == DT && a->ksum.strides[2] == 1) {                                                \
+            den = kern->decode_ksum_##SFX((REAL *)sp, phik, phiq, F);                                        \
+        } else {                                                                                             \
+            for (int64_t f = 0; f < F; f++) {                                                                \
+                const REAL z = LOAD(sp, a->ksum.dtype, f * a->ksum.strides[2]) + phik[f];                   \
+                STORE(sp, a->ksum.dtype, f * a->ksum.strides[2], z);                                         \
+                den += phiq[f] * z;                                                                          \
+            }                                                                                                \
         }                                                                                                    \
         char *kp = a->kv.data + (b * a->kv.strides[0] + h * a->kv.strides[1]) * a->kv.itemsize;             \
         const int64_t rs = a->kv.strides[2];                                                                 \
@@ -396,23 +416,21 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
         } else {                                                                                             \
             for (int64_t f = 0; f < F; f++) {                                                                \
                 char *rp = kp + f * rs * a->kv.itemsize;                                                     \
-                GATHER(row, rp, a->kv.dtype, dv, a->kv.strides[3]);                                          \
+                row_to_##SFX(row, 1, rp, a->kv.dtype, dv, a->kv.strides[3]);                                 \
                 kern->decode_rows_##SFX(row, 0, 1, dv, phik + f, phiq + f, v, num);                          \
-                SCATTER(rp, a->kv.dtype, dv, a->kv.strides[3], row);                                         \
+                row_from_##SFX(rp, a->kv.dtype, dv, a->kv.strides[3], row);                                  \
             }                                                                                                \
         }                                                                                                    \
         if (a->normalize) {                                                                                  \
-            const REAL d = den + (REAL)a->eps;                                                               \
-            for (int64_t j = 0; j < dv; j++) num[j] = num[j] / d;                                            \
+            const REAL inv = 1 / (den + (REAL)a->eps);                                                       \
+            for (int64_t j = 0; j < dv; j++) num[j] *= inv;                                                  \
         }                                                                                                    \
-        SCATTER(a->out.data + based_lin_row(&a->out, 0, b, 0, h) * a->out.itemsize, a->out.dtype, dv,       \
-                a->out.strides[2], num);                                                                     \
+        row_from_##SFX(a->out.data + based_lin_row(&a->out, 0, b, 0, h) * a->out.itemsize, a->out.dtype, dv, \
+                       a->out.strides[2], num);                                                              \
     }
 
-BASED_LIN_DECODE_HEAD(float, f32, based_gather_f32, based_scatter_f32, based_load_f32, based_store_f32,
-                      BASED_DTYPE_FLOAT32)
-BASED_LIN_DECODE_HEAD(double, f64, based_gather_f64, based_scatter_f64, based_load_f64, based_store_f64,
-                      BASED_DTYPE_FLOAT64)
+BASED_LIN_DECODE_HEAD(float, f32, based_load_f32, based_store_f32, BASED_DTYPE_FLOAT32)
+BASED_LIN_DECODE_HEAD(double, f64, based_load_f64, based_store_f64, BASED_DTYPE_FLOAT64)
 
 /* Below this many state bytes a decode runs on one thread: waking a second costs more. */
 #define BASED_LIN_DECODE_MIN_BYTES_PER_THREAD (256 * 1024)
@@ -433,7 +451,7 @@ based_status based_linear_attention_decode(const DLTensor *q, const DLTensor *k,
     const int64_t by_size = state_bytes / BASED_LIN_DECODE_MIN_BYTES_PER_THREAD + 1;
     if (by_size < nthreads) nthreads = (int)by_size;
     const size_t elem = a.compute == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
-    const size_t per_thread = ((size_t)(2 * a.F + 3 * a.Dv + a.Dk) * elem + 63u) & ~(size_t)63u;
+    const size_t per_thread = align64((size_t)(2 * a.F + 3 * a.Dv + 2 * a.Dk) * elem);
     char *scratch = based_scratch_alloc(per_thread * (size_t)nthreads);
     if (scratch == NULL)
         return based_fail(BASED_STATUS_OUT_OF_MEMORY, "linear_attention_decode: out of memory for %zu bytes of scratch",

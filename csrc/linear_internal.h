@@ -77,6 +77,12 @@ typedef struct {
                             const float *phiq, const float *v, float *num);
     void (*decode_rows_f64)(double *kv, int64_t row_stride, int64_t F, int64_t Dv, const double *phik,
                             const double *phiq, const double *v, double *num);
+    /* phi of one q row and one k row (Dk each) -> phiq, phik (F each). */
+    void (*decode_phi_f32)(const float *q, const float *k, int64_t dk, float scale, float *phiq, float *phik);
+    void (*decode_phi_f64)(const double *q, const double *k, int64_t dk, double scale, double *phiq, double *phik);
+    /* ksum += phik over F contiguous elements; returns phiq . ksum (the updated sums). */
+    float (*decode_ksum_f32)(float *ksum, const float *phik, const float *phiq, int64_t F);
+    double (*decode_ksum_f64)(double *ksum, const double *phik, const double *phiq, int64_t F);
 } based_lin_kernels;
 
 extern const based_lin_kernels based_lin_kernels_generic;
@@ -92,20 +98,5 @@ extern const based_lin_kernels based_lin_kernels_avx2;
  * portable ones. The environment variable BASED_CPU_ISA=generic forces the portable
  * kernels (tests use it to cover both); it is read once per process. */
 const based_lin_kernels *based_lin_kernels_pick(void);
-
-/* phi(x) of one row (SPEC 1.1, compact order) into phi[0..F), in float or double. */
-#define BASED_LIN_PHI_ROW(REAL, SQRT, NAME)                                                   \
-    static inline void NAME(const REAL *x, int64_t dk, REAL scale, REAL *phi) {               \
-        const REAL c1 = SQRT(scale), c2 = scale / SQRT((REAL)2);                              \
-        int64_t f = 0;                                                                        \
-        phi[f++] = 1;                                                                         \
-        for (int64_t i = 0; i < dk; i++) phi[f++] = c1 * x[i];                                \
-        for (int64_t i = 0; i < dk; i++) {                                                    \
-            phi[f++] = c2 * x[i] * x[i];                                                      \
-            for (int64_t j = i + 1; j < dk; j++) phi[f++] = scale * x[i] * x[j];              \
-        }                                                                                     \
-    }
-BASED_LIN_PHI_ROW(float, sqrtf, based_lin_phi_row_f32)
-BASED_LIN_PHI_ROW(double, sqrt, based_lin_phi_row_f64)
 
 #endif /* BASED_LINEAR_INTERNAL_H */

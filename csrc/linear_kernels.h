@@ -181,16 +181,88 @@ static void LK_NAME(lk_chunk)(const based_lin_ws *w, int64_t c) {
     }
 }
 
+/* Decode over F state rows of dv elements (row r at kv + r * row_stride):
+ *   kv[r, :] += phik[r] v;  num += phiq[r] kv[r, :] (the updated row)
+ * (num is added to). The value dim goes in blocks of 8 (then 4, then 1) vectors whose sums
+ * stay in registers for a sweep over the rows, so every state element is loaded once,
+ * stored once and used for two fused multiply-adds, and a 64-wide row (8 AVX2 vectors) is
+ * read front to back; a tail narrower than a vector is done element by element. */
 static void LK_NAME(lk_decode_rows)(LK_REAL *kv, int64_t row_stride, int64_t F, int64_t dv,
                                     const LK_REAL *restrict phik, const LK_REAL *restrict phiq,
                                     const LK_REAL *restrict v, LK_REAL *restrict num) {
-    for (int64_t f = 0; f < F; f++) {
-        LK_REAL *restrict row = kv + f * row_stride;
-        const LK_REAL pk = phik[f], pq = phiq[f];
-        for (int64_t j = 0; j < dv; j++) {
-            const LK_REAL x = LK_FMA(pk, v[j], row[j]);
-            row[j] = x;
-            num[j] = LK_FMA(pq, x, num[j]);
+    typedef LK_NAME(lk_vec) vec;
+    int64_t j = 0;
+#define LK_DECODE_BLOCK(NV)                                                                     \
+    for (; j + NV * LK_VEC <= dv; j += NV * LK_VEC) {                                          \
+        vec vb[NV], acc[NV];                                                                    \
+        for (int u = 0; u < NV; u++) {                                                          \
+            vb[u] = *(const vec *)(v + j + u * LK_VEC);                                         \
+            acc[u] = *(const vec *)(num + j + u * LK_VEC);                                      \
+        }                                                                                       \
+        for (int64_t f = 0; f < F; f++) {                                                       \
+            LK_REAL *row = kv + f * row_stride + j;                                             \
+            const LK_REAL pk = phik[f], pq = phiq[f];                                           \
+            for (int u = 0; u < NV; u++) {                                                      \
+                const vec x = LK_VFMA(pk, vb[u], *(const vec *)(row + u * LK_VEC));             \
+                *(vec *)(row + u * LK_VEC) = x;                                                 \
+                acc[u] = LK_VFMA(pq, x, acc[u]);                                                \
+            }                                                                                   \
+        }                                                                                       \
+        for (int u = 0; u < NV; u++) *(vec *)(num + j + u * LK_VEC) = acc[u];                   \
+    }
+    LK_DECODE_BLOCK(8)
+    LK_DECODE_BLOCK(4)
+    LK_DECODE_BLOCK(1)
+#undef LK_DECODE_BLOCK
+    if (j < dv) {
+        for (int64_t f = 0; f < F; f++) {
+            LK_REAL *row = kv + f * row_stride;
+            for (int64_t x = j; x < dv; x++) {
+                row[x] = LK_FMA(phik[f], v[x], row[x]);
+                num[x] = LK_FMA(phiq[f], row[x], num[x]);
+            }
+        }
+    }
+}
+
+/* ksum += phik; returns phiq . ksum (the updated sums), with vector-wide partial sums. */
+static LK_REAL LK_NAME(lk_decode_ksum)(LK_REAL *restrict ksum, const LK_REAL *restrict phik,
+                                       const LK_REAL *restrict phiq, int64_t F) {
+    typedef LK_NAME(lk_vec) vec;
+    vec part = {0};
+    int64_t f = 0;
+    for (; f + LK_VEC <= F; f += LK_VEC) {
+        const vec z = *(const vec *)(ksum + f) + *(const vec *)(phik + f);
+        *(vec *)(ksum + f) = z;
+        part += *(const vec *)(phiq + f) * z;
+    }
+    LK_REAL den = 0;
+    for (; f < F; f++) {
+        ksum[f] += phik[f];
+        den = LK_FMA(phiq[f], ksum[f], den);
+    }
+    for (int u = 0; u < LK_VEC; u++) den += part[u];
+    return den;
+}
+
+/* phi(q) and phi(k) of one token (SPEC 1.1, compact order). */
+static void LK_NAME(lk_decode_phi)(const LK_REAL *restrict q, const LK_REAL *restrict k, int64_t dk, LK_REAL scale,
+                                   LK_REAL *restrict phiq, LK_REAL *restrict phik) {
+    const LK_REAL c1 = (LK_REAL)sqrt((double)scale), c2 = (LK_REAL)((double)scale / sqrt(2.0));
+    phiq[0] = phik[0] = 1;
+    for (int64_t i = 0; i < dk; i++) {
+        phiq[1 + i] = c1 * q[i];
+        phik[1 + i] = c1 * k[i];
+    }
+    int64_t f = 1 + dk;
+    for (int64_t i = 0; i < dk; i++) {
+        const LK_REAL qi = scale * q[i], ki = scale * k[i];
+        phiq[f] = c2 * q[i] * q[i];
+        phik[f] = c2 * k[i] * k[i];
+        f++;
+        for (int64_t j = i + 1; j < dk; j++, f++) {
+            phiq[f] = qi * q[j];
+            phik[f] = ki * k[j];
         }
     }
 }

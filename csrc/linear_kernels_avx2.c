@@ -31,6 +31,7 @@
 #include "linear_kernels.h"
 
 const based_lin_kernels based_lin_kernels_avx2 = {
-    "avx2+fma", lk_chunk_f32, lk_chunk_f64, lk_decode_rows_f32, lk_decode_rows_f64,
+    "avx2+fma", lk_chunk_f32, lk_chunk_f64, lk_decode_rows_f32, lk_decode_rows_f64, lk_decode_phi_f32,
+    lk_decode_phi_f64, lk_decode_ksum_f32, lk_decode_ksum_f64,
 };
 #endif
