@@ -312,6 +312,24 @@ def test_decode_and_prefill_on_a_strided_state():
     assert_within(kv, kv_ref, kv_b, "state.kv")
 
 
+def test_negative_and_zero_strides():
+    """Inputs may run backwards in time (negative strides) or repeat one key for every
+    head (stride 0): read as given, no copies, same results as contiguous copies."""
+    rng = np.random.default_rng(9)
+    b, t, h, dk, dv = 2, 70, 3, 8, 12
+    q = rng.standard_normal((b, t, h, dk))[:, ::-1]
+    k = np.broadcast_to(rng.standard_normal((b, t, 1, dk)), (b, t, h, dk))
+    v = rng.standard_normal((b, t, h, 2 * dv))[..., ::-2]
+    assert q.strides[1] < 0 and k.strides[2] == 0 and v.strides[3] < 0
+    o, state = based.linear_attention_prefill(q, k, v)
+    o_ref, bound = output_bound(q, k, v, "float64", scale=dk**-0.5, normalize=True)
+    assert_within(o, o_ref, bound, "output")
+    o2, _ = based.linear_attention_prefill(*(np.ascontiguousarray(x) for x in (q, k, v)))
+    np.testing.assert_array_equal(o, o2)
+    o_dec = based.linear_attention_decode(q[:, 0], k[:, 0], v[:, 0], state)
+    assert np.isfinite(o_dec).all()
+
+
 # ---------------------------------------------------------------------------------------
 # Numerics
 # ---------------------------------------------------------------------------------------
