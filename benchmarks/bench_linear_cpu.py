@@ -1,7 +1,7 @@
 """Taylor linear attention on the CPU: based against PyTorch-CPU forms and the NumPy
 reference, measured in one run, plus the machine's own limits measured alongside.
 
-    python benchmarks/bench_linear_cpu.py               # the full run (~1-2 minutes), all cores
+    python benchmarks/bench_linear_cpu.py               # the full run (~3 minutes), all cores
     python benchmarks/bench_linear_cpu.py --threads 1   # one core (steadier on a shared machine)
     python benchmarks/bench_linear_cpu.py --quick       # fewer repeats, no float64 reference
 
@@ -35,6 +35,8 @@ from pathlib import Path
 
 PARSER = argparse.ArgumentParser(description="Taylor linear attention on the CPU: based vs PyTorch and NumPy.")
 PARSER.add_argument("--quick", action="store_true", help="fewer repeats; skip the slow NumPy reference")
+PARSER.add_argument("--rounds", type=int, default=3,
+                    help="repeat every measurement this many times, keep the best (default 3)")
 PARSER.add_argument("--threads", type=int, default=0,
                     help="threads for based (OpenMP) and torch; default all cores (set before OpenMP loads)")
 ARGS = PARSER.parse_args()
@@ -44,8 +46,8 @@ if ARGS.threads:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fma_peak_gflops, machine_summary, markdown_table, stream_seconds, timeit,  # noqa: E402
-                    timeit_interleaved)
+from common import (fma_peak_gflops, machine_summary, markdown_table, merge_best, stream_seconds,  # noqa: E402
+                    timeit, timeit_interleaved)
 
 import based  # noqa: E402
 from based import _C  # noqa: E402
@@ -156,8 +158,10 @@ def bench_prefill(args):
         kv, ks, tok = np.zeros((b, h, f, dv), np.float32), np.zeros((b, h, f), np.float32), np.zeros(b, np.int64)
         _C.linear_attention_prefill_ref(q, k, v, kv, ks, tok, out, scale, True, 1e-6, 0)
 
-    with (torch.inference_mode() if torch is not None else _nothing()):
-        results = timeit_interleaved(fast, repeat=3 if args.quick else 9)
+    results = {}
+    for _ in range(args.rounds):
+        with (torch.inference_mode() if torch is not None else _nothing()):
+            merge_best(results, timeit_interleaved(fast, repeat=3 if args.quick else 7))
     slow = {"based C reference twin (plain loops, float64)": twin}
     if not args.quick:
         slow["NumPy float64 reference (quadratic)"] = lambda: reference.linear_attention_quadratic(q, k, v, scale=scale)
@@ -200,8 +204,10 @@ def bench_prefill_sweep(args):
         if torch is not None:
             qt, kt, vt = (torch.from_numpy(x) for x in (q, k, v))
             fns["torch"] = lambda: torch_chunked(qt, kt, vt, dk**-0.5)
-        with (torch.inference_mode() if torch is not None else _nothing()):
-            r = timeit_interleaved(fns, repeat=3 if args.quick else 5)
+        r = {}
+        for _ in range(args.rounds):
+            with (torch.inference_mode() if torch is not None else _nothing()):
+                merge_best(r, timeit_interleaved(fns, repeat=3 if args.quick else 5))
         rows.append((b, t, r))
 
     def render(peak):
@@ -235,9 +241,11 @@ def bench_decode(args, threads):
             kv_t, ks_t = torch.zeros((b, h, f, dv)), torch.zeros((b, h, f))
             qt, kt, vt = (torch.from_numpy(x) for x in (q, k, v))
             fns["torch"] = lambda: torch_decode_step(qt, kt, vt, kv_t, ks_t, scale)
-        with (torch.inference_mode() if torch is not None else _nothing()):
-            r = timeit_interleaved(fns, repeat=5 if args.quick else 9)
-        stream = min(stream_seconds(state_bytes, n) for n in sorted({1, threads}))
+        r, stream = {}, math.inf
+        for _ in range(args.rounds):
+            with (torch.inference_mode() if torch is not None else _nothing()):
+                merge_best(r, timeit_interleaved(fns, repeat=5 if args.quick else 9))
+            stream = min([stream] + [stream_seconds(state_bytes, n) for n in sorted({1, threads})])
         flops = model_flops(b, 1, h, dk, dv)
         tb = r["based"]["min"]
         row = [b, state_bytes / 2**20, tb * 1e6, stream * 1e6, tb / stream, 2 * state_bytes / tb / 1e9,
@@ -267,7 +275,9 @@ def main():
     peaks.append(fma_peak_gflops(threads))
     peak = max(peaks)
     print(f"FMA peak, float32, {threads} threads, measured {len(peaks)} times: "
-          f"{', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; percentages use the best, {peak:.0f}\n")
+          f"{', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; percentages use the best, {peak:.0f}. "
+          f"Times: best of {args.rounds} rounds (each round interleaves the contenders); 'median' is the "
+          f"median over rounds of each round's median.\n")
     print("## Prefill\n")
     print(prefill(peak))
     print("\n## Prefill, other sizes\n")

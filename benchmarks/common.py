@@ -65,6 +65,19 @@ def timeit_interleaved(fns: dict, *, repeat: int = 7, min_time: float = 0.05) ->
     return {n: {"min": min(v), "median": statistics.median(v), "calls": calls[n]} for n, v in samples.items()}
 
 
+def merge_best(acc: dict, new: dict) -> dict:
+    """Folds one round of timeit_interleaved results into acc: the best 'min' over rounds
+    (noise from elsewhere only ever slows a run down) and the median of the rounds' medians."""
+    for name, r in new.items():
+        if name not in acc:
+            acc[name] = {"min": r["min"], "medians": [r["median"]], "calls": r["calls"]}
+        else:
+            acc[name]["min"] = min(acc[name]["min"], r["min"])
+            acc[name]["medians"].append(r["median"])
+        acc[name]["median"] = statistics.median(acc[name]["medians"])
+    return acc
+
+
 # ---------------------------------------------------------------------------------------
 # Machine baselines (benchmarks/native.c, compiled here at run time)
 # ---------------------------------------------------------------------------------------
