@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (fma_peak_gflops, machine_summary, markdown_table, merge_best, stream_seconds,  # noqa: E402
-                    timeit, timeit_interleaved)
+                    timeit, timeit_each)
 
 import based  # noqa: E402
 from based import _C  # noqa: E402
@@ -161,7 +161,7 @@ def bench_prefill(args):
     results = {}
     for _ in range(args.rounds):
         with (torch.inference_mode() if torch is not None else _nothing()):
-            merge_best(results, timeit_interleaved(fast, repeat=3 if args.quick else 7))
+            merge_best(results, timeit_each(fast, repeat=3 if args.quick else 7))
     slow = {"based C reference twin (plain loops, float64)": twin}
     if not args.quick:
         slow["NumPy float64 reference (quadratic)"] = lambda: reference.linear_attention_quadratic(q, k, v, scale=scale)
@@ -207,7 +207,7 @@ def bench_prefill_sweep(args):
         r = {}
         for _ in range(args.rounds):
             with (torch.inference_mode() if torch is not None else _nothing()):
-                merge_best(r, timeit_interleaved(fns, repeat=3 if args.quick else 5))
+                merge_best(r, timeit_each(fns, repeat=3 if args.quick else 5))
         rows.append((b, t, r))
 
     def render(peak):
@@ -244,7 +244,7 @@ def bench_decode(args, threads):
         r, stream = {}, math.inf
         for _ in range(args.rounds):
             with (torch.inference_mode() if torch is not None else _nothing()):
-                merge_best(r, timeit_interleaved(fns, repeat=5 if args.quick else 9))
+                merge_best(r, timeit_each(fns, repeat=5 if args.quick else 9))
             stream = min([stream] + [stream_seconds(state_bytes, n) for n in sorted({1, threads})])
         flops = model_flops(b, 1, h, dk, dv)
         tb = r["based"]["min"]
@@ -276,7 +276,7 @@ def main():
     peak = max(peaks)
     print(f"FMA peak, float32, {threads} threads, measured {len(peaks)} times: "
           f"{', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; percentages use the best, {peak:.0f}. "
-          f"Times: best of {args.rounds} rounds (each round interleaves the contenders); 'median' is the "
+          f"Times: best of {args.rounds} rounds (each round times every contender in turn); 'median' is the "
           f"median over rounds of each round's median.\n")
     print("## Prefill\n")
     print(prefill(peak))

@@ -48,25 +48,21 @@ def timeit(fn: Callable[[], object], *, repeat: int = 7, min_time: float = 0.05,
     return {"min": min(samples), "median": statistics.median(samples), "calls": calls}
 
 
-def timeit_interleaved(fns: dict, *, repeat: int = 7, min_time: float = 0.05) -> dict:
-    """Like timeit for several functions at once, their samples taken round-robin, so a
-    burst of load from elsewhere on a shared machine hits every contender alike rather
-    than the one that happened to be running. Returns {name: {'min', 'median', 'calls'}}."""
-    calls, samples = {}, {}
+def timeit_each(fns: dict, *, repeat: int = 7, min_time: float = 0.05) -> dict:
+    """timeit for several functions, one after the other: {name: {'min', 'median', 'calls'}}.
+    Each function gets its own block of samples rather than being interleaved with the
+    others: two libraries with their own OpenMP pools (based's and torch's) would otherwise
+    have one pool's idle threads spinning on the cores while the other runs. Repeat whole
+    rounds (merge_best) to spread the noise of a shared machine over the contenders."""
+    out = {}
     for name, fn in fns.items():
-        r = timeit(fn, repeat=1, min_time=min_time)
-        calls[name], samples[name] = r["calls"], [r["min"]]
-    for _ in range(repeat - 1):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / calls[name])
-    return {n: {"min": min(v), "median": statistics.median(v), "calls": calls[n]} for n, v in samples.items()}
+        time.sleep(0.05)              # let the previous contender's idle threads stop spinning
+        out[name] = timeit(fn, repeat=repeat, min_time=min_time)
+    return out
 
 
 def merge_best(acc: dict, new: dict) -> dict:
-    """Folds one round of timeit_interleaved results into acc: the best 'min' over rounds
+    """Folds one round of timeit_each results into acc: the best 'min' over rounds
     (noise from elsewhere only ever slows a run down) and the median of the rounds' medians."""
     for name, r in new.items():
         if name not in acc:
