@@ -177,11 +177,12 @@ static size_t ws_layout(based_lin_ws *w, char *base, size_t elem) {
     return off;
 }
 
-/* Bytes of one head's state slot (kv (F, ld) then ksum (F)); points w at slot g of `base`. */
+/* Bytes of one head's state slot: kv (F, ld), then ksum (F). */
 static size_t state_slot_bytes(const based_lin_ws *w, size_t elem) {
     return align64((size_t)(w->F * w->ld) * elem) + align64((size_t)w->F * elem);
 }
 
+/* Points w's kv and ksum at slot g of `base`. */
 static void use_state_slot(based_lin_ws *w, char *base, int64_t g, size_t elem) {
     char *slot = base + (size_t)g * state_slot_bytes(w, elem);
     w->kv = slot;
@@ -249,7 +250,7 @@ static inline void row_to_f64(double *dst, int64_t dst_stride, const char *p, ba
 /* Tokens t0 .. t0+c-1 of (b, h): q, k -> columns of (Dk, ldc), v -> (c, ld) rows (padding
  * untouched). In the (B, T, H, d) layout a head's consecutive tokens are a page apart,
  * where the hardware prefetchers do not follow, so the rows PREFETCH_TOKENS ahead are
- * asked for explicitly (measured: ~5% of a prefill at T = 2048, H = 16). */
+ * asked for explicitly (measured: a few % of a prefill at T = 2048, H = 16). */
 #define PREFETCH_TOKENS 8
 static void chunk_load(const based_linear_args *a, const based_lin_ws *w, int64_t b, int64_t h, int64_t t0,
                        int64_t c) {
