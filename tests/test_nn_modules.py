@@ -77,7 +77,7 @@ def test_linear_attention_layer_is_spec_math():
     with torch.no_grad():
         q, k, v = layer.project(x)
         got = layer(x)
-        o = ref.linear_attention(q.numpy(), k.numpy(), v.numpy(), scale=0.25, normalize=True, eps=1e-6)
+        o = ref.linear_attention_quadratic(q.numpy(), k.numpy(), v.numpy(), scale=0.25, normalize=True, eps=1e-6)
     want = o.reshape(2, 13, -1) @ layer.out_proj.weight.detach().numpy().T
     # float64 both ways; the output projection sums 336 terms: a few hundred ulps of the output scale
     np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e3 * EPS["float64"] * np.abs(want).max())
