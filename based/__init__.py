@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     ) from exc
 from ._arrays import parse_device as _parse_device
 from .feature_map import feature_dim, taylor_feature_map
+from .linear_attention import LinearAttentionState, linear_attention_decode, linear_attention_prefill
 
 __version__ = _C.__version__
 
@@ -67,4 +68,7 @@ __all__ = [
     "feature_dim",
     "taylor_feature_map",
     "zeros",
+    "LinearAttentionState",
+    "linear_attention_prefill",
+    "linear_attention_decode",
 ]

@@ -1,8 +1,120 @@
 /*
  * ops_linear.c -- bindings for Taylor linear attention (prefill, decode, state).
+ * Each op: import the tensors (GIL held), release the GIL around the C call, give the
+ * tensors back, map the status. based/linear_attention.py is the public API.
  */
 #include "pybased.h"
+#include "../linear_internal.h"
+
+#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
+
+typedef based_status (*linear_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
+                                  DLTensor *, DLTensor *, const based_linear_attention_params *);
+
+/* args: q, k, v, kv, ksum, tokens, out, scale, normalize, eps[, chunk_size] */
+static PyObject *run_linear(PyObject *m, PyObject *const *args, Py_ssize_t nargs, const char *fname,
+                            Py_ssize_t want, linear_op op) {
+    static const char *names[7] = {"q", "k", "v", "state.kv", "state.ksum", "state.tokens", "out"};
+    if (based_py_check_nargs(fname, nargs, want) < 0) return NULL;
+    based_linear_attention_params p = based_linear_attention_params_default(1);
+    if (based_py_as_double(args[7], "scale", &p.scale) < 0) return NULL;
+    int normalize = PyObject_IsTrue(args[8]);
+    if (normalize < 0) return NULL;
+    p.normalize = normalize;
+    if (based_py_as_double(args[9], "eps", &p.eps) < 0) return NULL;
+    if (want == 11) {
+        p.chunk_size = PyLong_AsLongLong(args[10]);
+        if (p.chunk_size == -1 && PyErr_Occurred()) return NULL;
+    }
+    based_py_tensor t[7];
+    for (int i = 0; i < 7; i++) t[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
+    for (int i = 0; i < 7; i++) {
+        if (based_py_import(m, args[i], names[i], i >= 3, Py_None, &t[i]) < 0) {
+            based_py_release_all(t, 7);
+            return NULL;
+        }
+    }
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor, t[4].tensor, t[5].tensor, t[6].tensor, &p);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 7);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_prefill(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return run_linear(m, args, nargs, "linear_attention_prefill", 11, based_linear_attention_prefill);
+}
+
+static PyObject *py_prefill_ref(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return run_linear(m, args, nargs, "linear_attention_prefill_ref", 11, based_linear_attention_prefill_ref);
+}
+
+static PyObject *py_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return run_linear(m, args, nargs, "linear_attention_decode", 10, based_linear_attention_decode);
+}
+
+static PyObject *py_decode_ref(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return run_linear(m, args, nargs, "linear_attention_decode_ref", 10, based_linear_attention_decode_ref);
+}
+
+typedef based_status (*convert_op)(const DLTensor *, const DLTensor *, DLTensor *, DLTensor *);
+
+static PyObject *run_convert(PyObject *m, PyObject *const *args, Py_ssize_t nargs, const char *fname,
+                             const char *const names[4], convert_op op) {
+    if (based_py_check_nargs(fname, nargs, 4) < 0) return NULL;
+    based_py_tensor t[4];
+    for (int i = 0; i < 4; i++) t[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
+    for (int i = 0; i < 4; i++) {
+        if (based_py_import(m, args[i], names[i], i >= 2, Py_None, &t[i]) < 0) {
+            based_py_release_all(t, 4);
+            return NULL;
+        }
+    }
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 4);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_to_expanded(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *const names[4] = {"kv", "ksum", "kv_expanded", "ksum_expanded"};
+    return run_convert(m, args, nargs, "linear_state_to_expanded", names, based_linear_state_to_expanded);
+}
+
+static PyObject *py_from_expanded(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *const names[4] = {"kv_expanded", "ksum_expanded", "kv", "ksum"};
+    return run_convert(m, args, nargs, "linear_state_from_expanded", names, based_linear_state_from_expanded);
+}
+
+static PyObject *py_kernel_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return PyUnicode_FromString(based_lin_kernels_pick()->name);
+}
 
 PyMethodDef based_linear_methods[] = {
+    {"linear_attention_prefill", FASTCALL(py_prefill), METH_FASTCALL,
+     "linear_attention_prefill(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, chunk_size, /)\n--\n\n"
+     "Chunked prefill into out, continuing and updating the state (see based.linear_attention_prefill)."},
+    {"linear_attention_prefill_ref", FASTCALL(py_prefill_ref), METH_FASTCALL,
+     "linear_attention_prefill_ref(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, chunk_size, /)\n--\n\n"
+     "Plain-loop float64 reference twin of linear_attention_prefill (chunk_size is ignored)."},
+    {"linear_attention_decode", FASTCALL(py_decode), METH_FASTCALL,
+     "linear_attention_decode(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, /)\n--\n\n"
+     "One token per sequence (see based.linear_attention_decode)."},
+    {"linear_attention_decode_ref", FASTCALL(py_decode_ref), METH_FASTCALL,
+     "linear_attention_decode_ref(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, /)\n--\n\n"
+     "Plain-loop float64 reference twin of linear_attention_decode."},
+    {"linear_state_to_expanded", FASTCALL(py_to_expanded), METH_FASTCALL,
+     "linear_state_to_expanded(kv, ksum, kv_expanded, ksum_expanded, /)\n--\n\n"
+     "Compact (F rows) -> the paper code's 1 + Dk + Dk^2 rows."},
+    {"linear_state_from_expanded", FASTCALL(py_from_expanded), METH_FASTCALL,
+     "linear_state_from_expanded(kv_expanded, ksum_expanded, kv, ksum, /)\n--\n\n"
+     "The paper code's 1 + Dk + Dk^2 rows -> compact (F rows)."},
+    {"linear_kernel_isa", (PyCFunction)py_kernel_isa, METH_NOARGS,
+     "linear_kernel_isa()\n--\n\nThe CPU kernels linear attention runs: 'avx2+fma' or 'generic'."},
     {NULL, NULL, 0, NULL},
 };

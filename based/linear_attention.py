@@ -1,0 +1,333 @@
+"""Taylor linear attention, BASED's global token mixer: chunked prefill, decode and the
+fixed-size recurrent state that joins them (SPEC 1.1 and 3; Arora et al., ICML 2024,
+Sec. 4.1 Eq. 4 for the kernel, Sec. 5.2 for the IO-aware chunked algorithm).
+
+Per batch b and head h, with s = scale * (q_t . k_u) and K = 1 + s + s^2/2::
+
+    o_t = sum_{u<=t} K(q_t, k_u) v_u / (sum_{u<=t} K(q_t, k_u) + eps)     (normalize=True)
+    o_t = sum_{u<=t} K(q_t, k_u) v_u                                      (normalize=False)
+
+The state after tokens 0..t is ``kv = sum_u phi(k_u) v_u^T`` (F x Dv) and
+``ksum = sum_u phi(k_u)`` (F), with phi the compact Taylor feature map
+(``based.taylor_feature_map``), F = 1 + Dk + Dk(Dk+1)/2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _arrays, _C
+from ._state import RecurrentState, _dtype_name
+
+MAX_FEATURE_DIM = 32
+
+
+def _dk_from_compact(rows: int) -> int:
+    """Dk with 1 + Dk + Dk(Dk+1)/2 == rows, or -1."""
+    r = math.isqrt(1 + 8 * rows)
+    dk = (r - 3) // 2
+    return dk if dk >= 1 and 1 + dk + dk * (dk + 1) // 2 == rows else -1
+
+
+def _dk_from_expanded(rows: int) -> int:
+    """Dk with 1 + Dk + Dk^2 == rows, or -1."""
+    r = math.isqrt(max(4 * rows - 3, 0))
+    dk = (r - 1) // 2
+    return dk if dk >= 1 and 1 + dk + dk * dk == rows else -1
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    return scale
+
+
+class LinearAttentionState(RecurrentState):
+    """The recurrent state of Taylor linear attention for a batch of sequences (SPEC 3).
+
+    Tensors (zero-copy views, in the array type it was created with; writing through them
+    changes the state):
+
+    * ``kv``: ``(batch, heads, F, value_dim)``, ``sum_u phi(k_u) v_u^T``
+    * ``ksum``: ``(batch, heads, F)``, ``sum_u phi(k_u)`` (the normaliser's state)
+    * ``tokens``: ``(batch,)`` int64, tokens folded in per sequence
+
+    F = 1 + Dk + Dk(Dk+1)/2 (153 for the paper's Dk = 16): the symmetric second-order
+    block is stored once, 0.56x the bytes of the 1 + Dk + Dk^2 = 273 rows of the paper's
+    code (``to_expanded``/``from_expanded`` convert). The state carries its ``scale``; a
+    call with a different scale is refused.
+
+    ``kv``/``ksum`` are float32 by default. float64 keeps more; bfloat16/float16 halve the
+    bytes but are lossy over long sequences (each prefill call rounds the state once, each
+    decode step once per token; float16 can overflow once sums pass 65504).
+
+    Batch management (``reset``, ``copy_``, ``clone``, ``index_select``) and files
+    (``save``/``load``, NumPy .npz + JSON metadata) come from ``based._state.RecurrentState``.
+    """
+
+    _tensors = ("kv", "ksum", "tokens")
+    _settings = ("scale",)
+
+    @classmethod
+    def zeros(cls, batch: int, heads: int, feature_dim: int, value_dim: int, *, dtype: str = "float32",
+              device=None, scale=None, like=None) -> "LinearAttentionState":
+        """An all-zero state (no tokens seen).
+
+        Args:
+            batch, heads: number of sequences and heads (>= 0).
+            feature_dim: Dk, the q/k feature dim (1..32; 16 in the paper), not F.
+            value_dim: Dv, the value head dim (>= 1).
+            dtype: 'float32' (default), 'float64', 'bfloat16' or 'float16' for kv and ksum.
+            device: 'cpu', 'cuda[:N]' or a torch.device; default like's device, else 'cpu'.
+            scale: s = scale * q.k; positive and finite, default 1/sqrt(feature_dim).
+            like: an array whose type the tensors take (torch in -> torch state, numpy in ->
+                numpy state); None gives ``based.Buffer`` arrays. NumPy has no bfloat16, so
+                a bfloat16 state made like a numpy array is ``based.Buffer`` arrays.
+
+        Raises:
+            TypeError: unknown dtype or a non-number scale. ValueError: sizes out of range,
+            a bad scale or device.
+        """
+        for name, n, lo in (("batch", batch, 0), ("heads", heads, 0), ("value_dim", value_dim, 1)):
+            if int(n) != n or n < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {n!r}")
+        if int(feature_dim) != feature_dim or not 1 <= feature_dim <= MAX_FEATURE_DIM:
+            raise ValueError(f"feature_dim (Dk, the q/k dim) must be an integer in 1..{MAX_FEATURE_DIM}, "
+                             f"got {feature_dim!r}")
+        if dtype not in _arrays.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {dtype!r}")
+        scale = _arrays.default_scale(int(feature_dim)) if scale is None else _check_scale(scale)
+        if device is None:
+            device = _arrays.info(like, "like").device if like is not None else "cpu"
+        if isinstance(like, np.ndarray) and dtype == "bfloat16":
+            like = None
+        b, h, f, dv = int(batch), int(heads), int(_C.feature_dim(int(feature_dim))), int(value_dim)
+        tensors = {
+            "kv": _arrays.zeros(like, (b, h, f, dv), dtype, device),
+            "ksum": _arrays.zeros(like, (b, h, f), dtype, device),
+            "tokens": _arrays.zeros(like, (b,), "int64", device),
+        }
+        return cls(tensors, {"scale": scale})
+
+    # -- views and settings -------------------------------------------------------------
+
+    @property
+    def kv(self):
+        """``(batch, heads, F, value_dim)``: sum of phi(k_u) v_u^T. Zero-copy."""
+        return self._t["kv"]
+
+    @property
+    def ksum(self):
+        """``(batch, heads, F)``: sum of phi(k_u). Zero-copy."""
+        return self._t["ksum"]
+
+    @property
+    def scale(self) -> float:
+        """The kernel's scale: s = scale * q.k."""
+        return self._s["scale"]
+
+    @property
+    def heads(self) -> int:
+        return int(self._t["kv"].shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        """Dk, the q/k feature dim (F = 1 + Dk + Dk(Dk+1)/2 rows)."""
+        return _dk_from_compact(int(self._t["kv"].shape[2]))
+
+    @property
+    def value_dim(self) -> int:
+        """Dv, the value head dim."""
+        return int(self._t["kv"].shape[3])
+
+    def _zeros_like_self(self, batch: int) -> "LinearAttentionState":
+        return type(self).zeros(batch, self.heads, self.feature_dim, self.value_dim, dtype=_dtype_name(self.kv),
+                                scale=self.scale, like=self.kv)
+
+    # -- the paper code's expanded layout ----------------------------------------------
+
+    def to_expanded(self):
+        """The state in the paper code's layout: ``(kv273, ksum273)``.
+
+        Rows ``[1, sqrt(scale) x, scale/sqrt(2) vec(x x^T)]``, 1 + Dk + Dk^2 of them (273
+        for Dk = 16), as in HazyResearch/based's ``TaylorExp`` with the default scale:
+        ``kv273`` is ``(batch, heads, 1 + Dk + Dk^2, value_dim)``, ``ksum273`` is
+        ``(batch, heads, 1 + Dk + Dk^2)``; new arrays of the state's type, dtype and device.
+        Off-diagonal compact rows are split as row/sqrt(2) into (i, j) and (j, i).
+        """
+        b, h, _, dv = (int(s) for s in self.kv.shape)
+        dk = self.feature_dim
+        rows = 1 + dk + dk * dk
+        dtype = _dtype_name(self.kv)
+        kv_e = _arrays.empty(self.kv, (b, h, rows, dv), dtype)
+        ksum_e = _arrays.empty(self.ksum, (b, h, rows), dtype)
+        _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e)
+        return kv_e, ksum_e
+
+    @classmethod
+    def from_expanded(cls, kv, ksum, *, scale=None, like=None) -> "LinearAttentionState":
+        """A state from the paper code's layout (see ``to_expanded``).
+
+        Args:
+            kv: ``(batch, heads, 1 + Dk + Dk^2, value_dim)``, any float dtype; Dk is
+                inferred from the row count (273 -> 16).
+            ksum: ``(batch, heads, 1 + Dk + Dk^2)``, kv's dtype.
+            scale: the scale the expanded state was built with (the conversion itself
+                needs none); default 1/sqrt(Dk), which is what ``TaylorExp`` uses.
+            like: array type of the new state; default kv's.
+
+        The new state has kv's dtype and device; its ``tokens`` are 0 (the expanded layout
+        does not record them; set ``state.tokens[...]`` if you track them). The symmetric
+        block is symmetrised: compact (i, j) = (exp(i, j) + exp(j, i)) / sqrt(2).
+
+        Raises:
+            TypeError: non-float dtypes. ValueError: shapes, a row count that is not
+            1 + Dk + Dk^2 for Dk in 1..32, a bad scale.
+        """
+        ki = _arrays.info(kv, "kv")
+        _arrays.require_float(ki, "kv")
+        if len(ki.shape) != 4:
+            raise ValueError(f"kv must have shape (batch, heads, 1 + Dk + Dk^2, value_dim), got {tuple(ki.shape)}")
+        dk = _dk_from_expanded(int(ki.shape[2]))
+        if not 1 <= dk <= MAX_FEATURE_DIM:
+            raise ValueError(f"kv has {ki.shape[2]} feature rows, which is not 1 + Dk + Dk^2 for any Dk in "
+                             f"1..{MAX_FEATURE_DIM} (273 for Dk = 16)")
+        b, h, _, dv = (int(s) for s in ki.shape)
+        new = cls.zeros(b, h, dk, dv, dtype=ki.dtype, scale=scale, like=kv if like is None else like,
+                        device=None if like is not None else ki.device)
+        _C.linear_state_from_expanded(kv, ksum, new.kv, new.ksum)
+        return new
+
+    # -- files ----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path, *, like=None, device=None) -> "LinearAttentionState":
+        """Read a state written by ``save`` (format: ``based._state``'s docstring).
+
+        The tensors come back in like's array type (None: based.Buffer), on ``device``
+        (default like's, else 'cpu'), in the dtype they were saved with.
+        Raises ValueError for a file that is not a LinearAttentionState.
+        """
+        meta, arrays = cls._read(path)
+        b, h, f, dv = (int(s) for s in arrays["kv"].shape)
+        dk = _dk_from_compact(f)
+        if dk < 1:
+            raise ValueError(f"{path}: kv has {f} feature rows, not 1 + Dk + Dk(Dk+1)/2 for any Dk")
+        state = cls.zeros(b, h, dk, dv, dtype=meta["dtypes"]["kv"], scale=meta["settings"]["scale"], like=like,
+                          device=device)
+        return state._fill_from(arrays)
+
+
+def _resolve_scale(scale, state: LinearAttentionState) -> float:
+    if scale is None:
+        return state.scale
+    scale = _check_scale(scale)
+    if not math.isclose(scale, state.scale, rel_tol=1e-12, abs_tol=0.0):
+        raise ValueError(f"scale={scale!r} disagrees with the state's scale {state.scale!r}; a state carries "
+                         "the scale it was built with (pass scale=None to use it)")
+    return scale
+
+
+def _require_state(state) -> None:
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(f"state must be a based.LinearAttentionState, got {type(state).__name__}")
+
+
+def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None):
+    """Causal Taylor linear attention over a whole sequence, continuing ``state``.
+
+    ``o_t = sum_{u<=t} K(q_t, k_u) v_u / (sum_{u<=t} K(q_t, k_u) + eps)`` with
+    ``K = 1 + s + s^2/2``, ``s = scale * q_t . k_u`` (SPEC 1.1; paper Sec. 4.1 Eq. 4), where
+    u also runs over every token already folded into ``state``. Runs the IO-aware chunked
+    algorithm (paper Sec. 5.2): within a chunk of tokens, K straight from q . k under the
+    causal mask; across chunks, through the compact state. No T x T matrix and no
+    whole-sequence feature map is ever formed.
+
+    Args:
+        q, k: ``(B, T, H, Dk)``, Dk in 1..32; float32, float64, float16 or bfloat16, any
+            strides (a ``(B, H, T, D)`` tensor passed as ``x.transpose(1, 2)`` is not copied).
+        v: ``(B, T, H, Dv)``, q's dtype.
+        state: a ``LinearAttentionState`` of shape (B, H, Dk, Dv) to continue (chunked
+            prefill), updated in place; None starts from zeros (float32, q's array type).
+        scale: positive float; default the state's scale, else 1/sqrt(Dk). A value that
+            disagrees with a given state's scale is an error.
+        normalize: divide by the normaliser (default True); False returns the numerator.
+        eps: added to the normaliser, >= 0 (default 1e-6).
+        out: optional ``(B, T, H, Dv)`` array of v's dtype to write into.
+
+    Returns:
+        ``(o, state)``: o ``(B, T, H, Dv)`` in v's dtype and array type (``out`` if given);
+        ``state`` the same object that was passed (or the new one), with ``tokens += T``.
+
+    Accumulation is float32 (float64 for float64 inputs). The state is read once and
+    written once per call, in its own dtype.
+
+    Raises:
+        TypeError: non-arrays, unsupported or mismatched dtypes, a non-state ``state``,
+            inputs that require grad.
+        ValueError: shapes, strides (out/state overlapping themselves or an input), devices,
+            settings (scale, eps), a read-only out or state. Nothing is written then.
+        NotImplementedError: CUDA arrays (no CUDA kernel in this build yet).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _arrays.require_no_grad(x, name)
+    qi = _arrays.info(q, "q")
+    _arrays.require_float(qi, "q")
+    if len(qi.shape) != 4:
+        raise ValueError(f"q must have shape (B, T, H, Dk), got {tuple(qi.shape)}")
+    if not 1 <= qi.shape[3] <= MAX_FEATURE_DIM:
+        raise ValueError(f"q must have a feature dim Dk in 1..{MAX_FEATURE_DIM}, got Dk={qi.shape[3]}")
+    vi = _arrays.info(v, "v")
+    _arrays.require_float(vi, "v")
+    if len(vi.shape) != 4:
+        raise ValueError(f"v must have shape (B, T, H, Dv), got {tuple(vi.shape)}")
+    if state is None:
+        b, _, h, dk = qi.shape
+        state = LinearAttentionState.zeros(b, h, dk, max(int(vi.shape[3]), 1), scale=scale, like=q,
+                                           device=qi.device)
+        scale = state.scale
+    else:
+        _require_state(state)
+        scale = _resolve_scale(scale, state)
+    if out is None:
+        out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
+    _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
+    return out, state
+
+
+def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=None):
+    """One decoding step: fold token (k, v) of every sequence into ``state``, then read it with q.
+
+    ``kv += phi(k) v^T; ksum += phi(k); o = phi(q) kv / (phi(q) . ksum + eps)`` (SPEC 1.1,
+    paper Sec. 4.1 Eq. 3), in one pass over the state. Uses ``state.scale``.
+
+    Args:
+        q, k: ``(B, H, Dk)``; v: ``(B, H, Dv)``; one dtype (float32, float64, float16,
+            bfloat16), any strides.
+        state: the ``LinearAttentionState`` to update in place (``tokens += 1``).
+        normalize, eps: as in ``linear_attention_prefill``.
+        out: optional ``(B, H, Dv)`` array of v's dtype.
+
+    Returns:
+        o ``(B, H, Dv)`` in v's dtype and array type (``out`` if given).
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: as ``linear_attention_prefill``; a
+        rejected call leaves ``out`` and the state unchanged.
+    """
+    _require_state(state)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _arrays.require_no_grad(x, name)
+    if out is None:
+        vi = _arrays.info(v, "v")
+        _arrays.require_float(vi, "v")
+        if len(vi.shape) != 3:
+            raise ValueError(f"v must have shape (B, H, Dv), got {tuple(vi.shape)}")
+        out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
+    _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps)
+    return out

@@ -1,0 +1,113 @@
+/*
+ * linear_internal.h -- what the Taylor linear-attention files share: the checked
+ * arguments of a prefill/decode call, the per-thread workspace of the chunked
+ * prefill, and the table of CPU kernels chosen at run time (portable C, or the same
+ * C compiled for AVX2+FMA; see linear_kernels.h).
+ *
+ *   linear_attention.c      checks, prefill/decode drivers (dtype/stride handling), dispatch
+ *   linear_kernels.h        the hot loops, written once, included per (type, ISA)
+ *   linear_kernels.c        portable instantiation (what any x86-64/ARM compiler emits by default)
+ *   linear_kernels_avx2.c   AVX2+FMA instantiation (GCC on x86), picked when the CPU has both
+ *   linear_attention_ref.c  plain-loop reference twins (*_ref)
+ *   linear_state.c          compact <-> expanded (273-row) state conversion
+ */
+#ifndef BASED_LINEAR_INTERNAL_H
+#define BASED_LINEAR_INTERNAL_H
+
+#include "internal.h"
+
+#define BASED_LIN_MAX_DK 32          /* F = 561 at Dk = 32 */
+#define BASED_LIN_DEFAULT_CHUNK 64
+#define BASED_LIN_MAX_CHUNK 1024     /* the chunk's C x C attention block is scratch */
+#define BASED_LIN_ROW_ALIGN 8        /* workspace rows padded to a multiple of 8 elements */
+
+/* A prefill (has_time) or decode call after every check of SPEC 4 has passed. */
+typedef struct {
+    based_view q, k, v, kv, ksum, tokens, out;
+    int has_time;            /* prefill: tensors are (B, T, H, d); decode: (B, H, d), T = 1 */
+    int64_t B, T, H, Dk, Dv, F;
+    based_dtype compute;     /* FLOAT64 for float64 inputs, else FLOAT32 */
+    double scale, eps;
+    int normalize;
+    int64_t chunk;           /* prefill chunk length C (resolved default) */
+} based_linear_args;
+
+/* Builds every view and runs every check (dtypes, shapes, devices, overlaps, settings,
+ * token counters) of a prefill (has_time = 1) or decode call. Writes nothing. */
+based_status based_linear_check_args(based_linear_args *a, const DLTensor *q, const DLTensor *k, const DLTensor *v,
+                                     DLTensor *kv, DLTensor *ksum, DLTensor *tokens, DLTensor *out,
+                                     const based_linear_attention_params *params, int has_time, const char *op);
+
+/* Element offset of row (b, t, h) of a (B, T, H, d) view, or (b, h) of a (B, H, d) view. */
+static inline int64_t based_lin_row(const based_view *x, int has_time, int64_t b, int64_t t, int64_t h) {
+    return has_time ? b * x->strides[0] + t * x->strides[1] + h * x->strides[2]
+                    : b * x->strides[0] + h * x->strides[1];
+}
+
+/* tokens[b] += n for every sequence (the counters were range-checked by the checks). */
+void based_lin_count_tokens(const based_linear_args *a, int64_t n);
+
+/* Workspace of one thread for the chunked prefill of one (b, h), in the compute type.
+ * Token-indexed arrays have ldc = C rounded up to BASED_LIN_ROW_ALIGN columns, value
+ * rows ld = Dv rounded up likewise; the padding is zero-filled once and never read back. */
+typedef struct {
+    int64_t C, Dk, F, Dv, ld, ldc;
+    double scale, eps;
+    int normalize;
+    void *q;     /* (C, Dk)   queries of the chunk, token-major (raw, unscaled)  */
+    void *k;     /* (C, Dk)   keys of the chunk                                   */
+    void *qt;    /* (Dk, ldc) q transposed                                        */
+    void *kt;    /* (Dk, ldc) k transposed                                        */
+    void *phiq;  /* (F, ldc)  phi(q) of the chunk, feature-major                  */
+    void *phik;  /* (F, ldc)  phi(k) of the chunk                                 */
+    void *att;   /* (C, ldc)  1 + s + s^2/2 on and below the diagonal (causal)    */
+    void *den;   /* (C,)      normalisers of the chunk's outputs                  */
+    void *v;     /* (C, ld)   values of the chunk                                 */
+    void *o;     /* (C, ld)   output rows (normalised in place when normalize)    */
+    void *kv;    /* (F, ld)   the state through the previous chunks               */
+    void *ksum;  /* (F,)                                                          */
+} based_lin_ws;
+
+typedef struct {
+    const char *name;
+    /* One chunk of c <= C tokens: o = causal output of the chunk, then kv += chunk. */
+    void (*chunk_f32)(const based_lin_ws *w, int64_t c);
+    void (*chunk_f64)(const based_lin_ws *w, int64_t c);
+    /* Decode over F state rows of Dv elements (row r at kv + r * row_stride):
+     *   kv[r, :] += phik[r] * v;  num += phiq[r] * kv[r, :]  (one pass, updated rows). */
+    void (*decode_rows_f32)(float *kv, int64_t row_stride, int64_t F, int64_t Dv, const float *phik,
+                            const float *phiq, const float *v, float *num);
+    void (*decode_rows_f64)(double *kv, int64_t row_stride, int64_t F, int64_t Dv, const double *phik,
+                            const double *phiq, const double *v, double *num);
+} based_lin_kernels;
+
+extern const based_lin_kernels based_lin_kernels_generic;
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)
+#define BASED_LIN_HAVE_AVX2 1
+extern const based_lin_kernels based_lin_kernels_avx2;
+#else
+#define BASED_LIN_HAVE_AVX2 0
+#endif
+
+/* The kernels for this CPU: AVX2+FMA when built in and the CPU has both, else the
+ * portable ones. The environment variable BASED_CPU_ISA=generic forces the portable
+ * kernels (tests use it to cover both); it is read once per process. */
+const based_lin_kernels *based_lin_kernels_pick(void);
+
+/* phi(x) of one row (SPEC 1.1, compact order) into phi[0..F), in float or double. */
+#define BASED_LIN_PHI_ROW(REAL, SQRT, NAME)                                                   \
+    static inline void NAME(const REAL *x, int64_t dk, REAL scale, REAL *phi) {               \
+        const REAL c1 = SQRT(scale), c2 = scale / SQRT((REAL)2);                              \
+        int64_t f = 0;                                                                        \
+        phi[f++] = 1;                                                                         \
+        for (int64_t i = 0; i < dk; i++) phi[f++] = c1 * x[i];                                \
+        for (int64_t i = 0; i < dk; i++) {                                                    \
+            phi[f++] = c2 * x[i] * x[i];                                                      \
+            for (int64_t j = i + 1; j < dk; j++) phi[f++] = scale * x[i] * x[j];              \
+        }                                                                                     \
+    }
+BASED_LIN_PHI_ROW(float, sqrtf, based_lin_phi_row_f32)
+BASED_LIN_PHI_ROW(double, sqrt, based_lin_phi_row_f64)
+
+#endif /* BASED_LINEAR_INTERNAL_H */

@@ -1,0 +1,473 @@
+"""Taylor linear attention (SPEC 1.1, 3): the chunked prefill and the decode against their
+plain-loop C twins and the float64 NumPy references (quadratic and recurrent forms), over a
+covering grid of shapes, dtypes, layouts and states; continuation (prefill in pieces and
+decode steps equal one prefill); numerics with large inputs; non-finite inputs staying
+local; hypothesis property tests. Tolerances: see tests/linear_helpers.py."""
+
+import os
+import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import HAS_TORCH, requires_torch, rounded, to_numpy64, torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from linear_helpers import (DEFAULT_CHUNK, DTYPES, SHORT, assert_within, call, compute_dtype, empty_like_lib,
+                            feature_count, output_bound, state_arrays, state_bound, to_lib)
+
+import based
+from based import _C
+from based import reference as ref
+
+FAST = (_C.linear_attention_prefill, _C.linear_attention_decode)
+REF = (_C.linear_attention_prefill_ref, _C.linear_attention_decode_ref)
+
+
+# ---------------------------------------------------------------------------------------
+# The NumPy references agree with each other (the ground truth is consistent)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zeros", "state"])
+def test_quadratic_and_recurrent_references_agree(normalize, with_state):
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 2, 37, 3, 5))
+    v = rng.standard_normal((2, 37, 3, 7))
+    kv0 = ks0 = None
+    if with_state:
+        kv0, ks0 = ref.linear_attention_state(*rng.standard_normal((2, 2, 11, 3, 5))[:1], v[:, :11], scale=0.3)
+    o_quad = ref.linear_attention_quadratic(q, k, v, scale=0.3, normalize=normalize, kv=kv0, ksum=ks0)
+    o_rec, kv, ks = ref.linear_attention_recurrent(q, k, v, scale=0.3, normalize=normalize, kv=kv0, ksum=ks0)
+    np.testing.assert_allclose(o_quad, o_rec, rtol=1e-12, atol=1e-12)   # float64, same sums in two orders
+    kv2, ks2 = ref.linear_attention_state(k, v, scale=0.3, kv=kv0, ksum=ks0)
+    np.testing.assert_allclose(kv, kv2, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(ks, ks2, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# A covering grid: every pair of values of every two axes appears in some case
+# ---------------------------------------------------------------------------------------
+
+AXES = {
+    "B": [1, 3],
+    "T": [1, 2, 63, 64, 65, 200, 1025],
+    "H": [1, 4],
+    "Dk": [1, 4, 8, 16, 24, 32],
+    "Dv": [1, 24, 64, 100],
+    "dtype": DTYPES,
+    "norm": [True, False],
+    "layout": ["bthd", "bhtd"],           # bhtd: head-first storage passed as a transposed view
+    "state": DTYPES,                      # the state's dtype
+    "init": ["zeros", "prefix"],          # start from zeros or from the state of 5 earlier tokens
+    "lib": ["numpy", "torch"],
+}
+BUDGET = 4e8   # flops of the slowest references in one case (C twin, 3 NumPy quadratic runs)
+
+
+def _valid(c):
+    return not (c["lib"] == "numpy" and "bfloat16" in (c["dtype"], c["state"]))
+
+
+def _cost(c):
+    bh, f = c["B"] * c["H"], feature_count(c["Dk"])
+    return max(bh * c["T"] * f * c["Dv"] * 4, bh * c["T"] ** 2 * (c["Dk"] + c["Dv"]) * 3)
+
+
+def _covering_cases(seed=0):
+    """Greedy pairwise covering under the cost budget: deterministic, ~40 cases."""
+    rnd = random.Random(seed)
+    names = list(AXES)
+    cheapest = {n: min(AXES[n], key=lambda x: (isinstance(x, str), x)) for n in names}
+    cheapest["lib"] = "torch" if HAS_TORCH else "numpy"
+    pairs = set()
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for x in AXES[a]:
+                for y in AXES[b]:
+                    c = {**cheapest, a: x, b: y}
+                    if _valid(c) and _cost(c) <= BUDGET:
+                        pairs.add((a, x, b, y))
+
+    def covered(c):
+        return {(a, x, b, y) for (a, x, b, y) in pairs if c[a] == x and c[b] == y}
+
+    cases = []
+    while pairs:
+        a, x, b, y = min(pairs, key=repr)
+        best, gain = {**cheapest, a: x, b: y}, -1
+        for _ in range(80):
+            c = {n: rnd.choice(AXES[n]) for n in names}
+            c[a], c[b] = x, y
+            if _valid(c) and _cost(c) <= BUDGET and len(covered(c)) > gain:
+                best, gain = c, len(covered(c))
+        cases.append(best)
+        pairs -= covered(best)
+    return cases
+
+
+def _case_id(c):
+    return (f"B{c['B']}-T{c['T']}-H{c['H']}-Dk{c['Dk']}-Dv{c['Dv']}-{SHORT[c['dtype']]}-"
+            f"{'norm' if c['norm'] else 'raw'}-{c['layout']}-state{SHORT[c['state']]}-{c['init']}-{c['lib']}")
+
+
+CASES = _covering_cases()
+
+
+def _inputs(c, rng, amp=1.0):
+    b, t, h, dk, dv = c["B"], c["T"], c["H"], c["Dk"], c["Dv"]
+    q64 = rounded(amp * rng.standard_normal((b, t, h, dk)), c["dtype"])
+    k64 = rounded(amp * rng.standard_normal((b, t, h, dk)), c["dtype"])
+    v64 = rounded(rng.standard_normal((b, t, h, dv)), c["dtype"])
+    return q64, k64, v64
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_prefill_grid(case):
+    """Fast kernel and C twin vs the float64 quadratic form, in outputs and final state."""
+    if case["lib"] == "torch" and not HAS_TORCH:
+        pytest.skip("PyTorch is not installed")
+    rng = np.random.default_rng(zlib.crc32(_case_id(case).encode()))
+    b, t, h, dk, dv, dtype, lib = (case[n] for n in ("B", "T", "H", "Dk", "Dv", "dtype", "lib"))
+    scale = dk**-0.5
+    q64, k64, v64 = _inputs(case, rng)
+    kv0 = ks0 = None
+    tokens0 = 0
+    if case["init"] == "prefix":
+        kp, vp = rng.standard_normal((b, 5, h, dk)), rng.standard_normal((b, 5, h, dv))
+        kv0, ks0 = (rounded(a, case["state"]) for a in ref.linear_attention_state(kp, vp, scale=scale))
+        tokens0 = 5
+    qa, ka, va = (to_lib(x, dtype, lib, case["layout"]) for x in (q64, k64, v64))
+    for fn, compute in ((_C.linear_attention_prefill, compute_dtype(dtype)), (_C.linear_attention_prefill_ref, "float64")):
+        kv, ks, tok = state_arrays(b, h, dk, dv, case["state"], lib, kv0, ks0, tokens0)
+        out = to_lib(np.full((b, t, h, dv), np.nan), dtype, lib, case["layout"])
+        call(fn, qa, ka, va, kv, ks, tok, out, scale=scale, normalize=case["norm"])
+        o_ref, o_bound = output_bound(q64, k64, v64, dtype, scale=scale, normalize=case["norm"], kv0=kv0,
+                                      ksum0=ks0, compute=compute)
+        assert_within(out, o_ref, o_bound, f"{fn.__name__} output")
+        kv_ref, ks_ref, kv_b, ks_b = state_bound(k64, v64, case["state"], compute, scale=scale, kv0=kv0, ksum0=ks0)
+        assert_within(kv, kv_ref, kv_b, f"{fn.__name__} state.kv")
+        assert_within(ks, ks_ref, ks_b, f"{fn.__name__} state.ksum")
+        assert list(to_numpy64(tok)) == [tokens0 + t] * b
+
+
+def test_grid_covers_every_pair():
+    """Every value of every axis appears, and the grid stays small enough for CI."""
+    for name, values in AXES.items():
+        assert {c[name] for c in CASES} == set(values), name
+    assert len(CASES) <= 60
+
+
+# ---------------------------------------------------------------------------------------
+# Chunk boundaries: every chunk length, any T
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 8, 16, 63, 64, 65, 200, 1024])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_any_chunk_length(chunk, dtype):
+    """The chunk length changes only rounding: T = 130 covers full chunks, a tail, C > T."""
+    rng = np.random.default_rng(chunk)
+    b, t, h, dk, dv = 2, 130, 2, 8, 12
+    q64, k64, v64 = (rng.standard_normal(s) for s in ((b, t, h, dk), (b, t, h, dk), (b, t, h, dv)))
+    qa, ka, va = (x.astype(dtype) for x in (q64, k64, v64))
+    q64, k64, v64 = (x.astype(np.float64) for x in (qa, ka, va))
+    kv, ks, tok = state_arrays(b, h, dk, dv, "float32", "numpy")
+    out = np.full((b, t, h, dv), np.nan, dtype)
+    call(_C.linear_attention_prefill, qa, ka, va, kv, ks, tok, out, scale=0.4, chunk=chunk)
+    o_ref, bound = output_bound(q64, k64, v64, dtype, scale=0.4, normalize=True, chunk=chunk)
+    assert_within(out, o_ref, bound, "output")
+    kv_ref, ks_ref, kv_b, ks_b = state_bound(k64, v64, "float32", compute_dtype(dtype), scale=0.4, chunk=chunk)
+    assert_within(kv, kv_ref, kv_b, "state.kv")
+    assert_within(ks, ks_ref, ks_b, "state.ksum")
+
+
+# ---------------------------------------------------------------------------------------
+# Continuation: prefill(T) == prefill(T1) + prefill(T2, state) + decode steps
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("split", [(1, 99), (64, 36), (37, 50)], ids=lambda s: f"{s[0]}+{s[1]}")
+def test_prefill_in_pieces_then_decode_equals_one_prefill(split, dtype):
+    rng = np.random.default_rng(sum(split))
+    b, h, dk, dv = 2, 3, 16, 20
+    t1, t2 = split
+    steps = 100 - t1 - t2 + 5          # decode the rest, one token at a time
+    total = t1 + t2 + steps
+    q, k = (rng.standard_normal((b, total, h, dk)).astype(dtype) for _ in range(2))
+    v = rng.standard_normal((b, total, h, dv)).astype(dtype)
+    state_dtype = "float64" if dtype == "float64" else "float32"
+
+    o_all, s_all = based.linear_attention_prefill(q, k, v, based.LinearAttentionState.zeros(
+        b, h, dk, dv, dtype=state_dtype, like=q))
+    state = based.LinearAttentionState.zeros(b, h, dk, dv, dtype=state_dtype, like=q)
+    o1, s1 = based.linear_attention_prefill(q[:, :t1], k[:, :t1], v[:, :t1], state)
+    o2, s2 = based.linear_attention_prefill(q[:, t1:t1 + t2], k[:, t1:t1 + t2], v[:, t1:t1 + t2], state)
+    assert s1 is state and s2 is state
+    o3 = [based.linear_attention_decode(q[:, t], k[:, t], v[:, t], state) for t in range(t1 + t2, total)]
+    pieces = np.concatenate([o1, o2, np.stack(o3, axis=1)], axis=1)
+    # the two paths round differently (chunk boundaries, decode's recurrent sums): both are
+    # within the bound of the exact result, so they are within twice the bound of each other
+    o_ref, bound = output_bound(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), dtype,
+                                scale=dk**-0.5, normalize=True)
+    assert_within(o_all, o_ref, bound, "one prefill")
+    assert_within(pieces, o_ref, bound, "pieces")
+    np.testing.assert_array_less(np.abs(pieces - o_all), 2 * bound + 1e-300)
+    kv_ref, ks_ref, kv_b, ks_b = state_bound(k.astype(np.float64), v.astype(np.float64), state_dtype,
+                                             compute_dtype(dtype), scale=dk**-0.5)
+    for s in (s_all, state):
+        assert_within(s.kv, kv_ref, kv_b, "state.kv")
+        assert_within(s.ksum, ks_ref, ks_b, "state.ksum")
+        assert list(s.tokens) == [total] * b
+
+
+def test_empty_sequence_is_a_no_op():
+    q = np.zeros((2, 0, 3, 4), np.float32)
+    v = np.zeros((2, 0, 3, 5), np.float32)
+    state = based.LinearAttentionState.zeros(2, 3, 4, 5, like=q)
+    state.kv[...] = 1.5
+    o, s = based.linear_attention_prefill(q, q, v, state)
+    assert o.shape == (2, 0, 3, 5) and s is state
+    assert np.all(state.kv == 1.5) and list(state.tokens) == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # B, H, Dk, Dv, dtype, state dtype, strided inputs
+    (1, 1, 1, 1, "float32", "float32", False),
+    (3, 4, 16, 64, "float32", "float32", True),
+    (2, 3, 32, 100, "float64", "float64", False),
+    (2, 2, 8, 24, "float64", "float32", True),
+    (2, 4, 16, 64, "bfloat16", "float32", False),
+    (1, 2, 24, 7, "float16", "float16", True),
+    (3, 1, 4, 33, "float32", "bfloat16", False),
+    (2, 2, 16, 64, "bfloat16", "bfloat16", True),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES,
+                         ids=[f"B{c[0]}-H{c[1]}-Dk{c[2]}-Dv{c[3]}-{SHORT[c[4]]}-state{SHORT[c[5]]}"
+                              f"{'-strided' if c[6] else ''}" for c in DECODE_CASES])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_decode_matches_references(case, normalize):
+    b, h, dk, dv, dtype, state_dtype, strided = case
+    if "bfloat16" in (dtype, state_dtype) and not HAS_TORCH:
+        pytest.skip("bfloat16 needs PyTorch")
+    lib = "torch" if "bfloat16" in (dtype, state_dtype) else "numpy"
+    rng = np.random.default_rng(b * 100 + dk)
+    scale = 0.7 * dk**-0.5
+    kp, vp = rng.standard_normal((b, 9, h, dk)), rng.standard_normal((b, 9, h, dv))
+    kv0, ks0 = (rounded(a, state_dtype) for a in ref.linear_attention_state(kp, vp, scale=scale))
+    q64, k64 = (rounded(rng.standard_normal((b, 1, h, dk)), dtype) for _ in range(2))
+    v64 = rounded(rng.standard_normal((b, 1, h, dv)), dtype)
+
+    def decode_input(x):  # (B, 1, H, d) -> (B, H, d), optionally as a strided view
+        if not strided:
+            return to_lib(x[:, 0], dtype, lib)
+        big = np.zeros(x.shape[:1] + (x.shape[2], 2 * x.shape[3]))
+        big[..., ::2] = x[:, 0]
+        return to_lib(big, dtype, lib)[..., ::2]
+
+    qa, ka, va = (decode_input(x) for x in (q64, k64, v64))
+    for fn, compute in ((_C.linear_attention_decode, compute_dtype(dtype)), (_C.linear_attention_decode_ref, "float64")):
+        kv, ks, tok = state_arrays(b, h, dk, dv, state_dtype, lib, kv0, ks0, 9)
+        out = empty_like_lib((b, h, dv), dtype, lib)
+        call(fn, qa, ka, va, kv, ks, tok, out, scale=scale, normalize=normalize)
+        o_ref, bound = output_bound(q64, k64, v64, dtype, scale=scale, normalize=normalize, kv0=kv0, ksum0=ks0,
+                                    compute=compute)
+        assert_within(out, o_ref[:, 0], bound[:, 0], f"{fn.__name__} output")
+        kv_ref, ks_ref, kv_b, ks_b = state_bound(k64, v64, state_dtype, compute, scale=scale, kv0=kv0, ksum0=ks0)
+        assert_within(kv, kv_ref, kv_b, f"{fn.__name__} state.kv")
+        assert_within(ks, ks_ref, ks_b, f"{fn.__name__} state.ksum")
+        assert list(to_numpy64(tok)) == [10] * b
+
+
+def test_decode_and_prefill_on_a_strided_state():
+    """The C core takes states of any strides (here every other element of a bigger buffer)."""
+    rng = np.random.default_rng(5)
+    b, t, h, dk, dv = 2, 20, 3, 4, 6
+    f = feature_count(dk)
+    q, k = rng.standard_normal((2, b, t + 1, h, dk)).astype(np.float32)
+    v = rng.standard_normal((b, t + 1, h, dv)).astype(np.float32)
+    big_kv, big_ks = np.zeros((b, h, f, 2 * dv), np.float32), np.zeros((b, h, 2 * f), np.float32)
+    kv, ks, tok = big_kv[..., ::2], big_ks[..., 1::2], np.zeros(b, np.int64)
+    out = np.empty((b, t, h, dv), np.float32)
+    call(_C.linear_attention_prefill, q[:, :t], k[:, :t], v[:, :t], kv, ks, tok, out, scale=0.5, chunk=8)
+    out1 = np.empty((b, h, dv), np.float32)
+    call(_C.linear_attention_decode, q[:, t], k[:, t], v[:, t], kv, ks, tok, out1, scale=0.5)
+    o_ref, bound = output_bound(*(x.astype(np.float64) for x in (q, k, v)), "float32", scale=0.5, normalize=True,
+                                chunk=8)
+    assert_within(np.concatenate([out, out1[:, None]], 1), o_ref, bound, "output")
+    assert np.all(big_kv[..., 1::2] == 0) and np.all(big_ks[..., ::2] == 0), "wrote outside the state views"
+    kv_ref, ks_ref, kv_b, ks_b = state_bound(k.astype(np.float64), v.astype(np.float64), "float32", "float32",
+                                             scale=0.5, chunk=8)
+    assert_within(kv, kv_ref, kv_b, "state.kv")
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_large_inputs_stay_within_running_range_of_v(dtype):
+    """|q|, |k| ~ 4 make s ~ 16 and K ~ 100s (sums grow ~ T K): normalised outputs are convex
+    combinations of the values seen so far, so they stay within their running min/max (up
+    to rounding: two output ulps, and eps's relative pull towards 0, ~1e-6 / (T/2))."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs PyTorch")
+    lib = "torch" if dtype == "bfloat16" else "numpy"
+    rng = np.random.default_rng(4)
+    b, t, h, dk, dv = 2, 300, 2, 16, 8
+    q64, k64 = (rounded(4 * rng.standard_normal((b, t, h, dk)), dtype) for _ in range(2))
+    v64 = rounded(rng.uniform(-3, 3, (b, t, h, dv)), dtype)
+    o, state = based.linear_attention_prefill(*(to_lib(x, dtype, lib) for x in (q64, k64, v64)))
+    o = to_numpy64(o)
+    lo, hi = np.minimum.accumulate(v64, axis=1), np.maximum.accumulate(v64, axis=1)
+    slack = 2 * 2.0**-7 * np.maximum(np.abs(lo), np.abs(hi)) if dtype == "bfloat16" else \
+        4 * 2.0**-10 * np.maximum(np.abs(lo), np.abs(hi)) + 1e-5
+    assert np.all(o >= lo - slack) and np.all(o <= hi + slack)
+    assert np.all(np.isfinite(o))
+    assert np.all(np.isfinite(to_numpy64(state.kv)))
+
+
+def test_float64_inputs_compute_in_float64_with_a_float32_state():
+    """float64 inputs are computed in float64 inside a call, whatever the state dtype; the
+    state keeps what its dtype can (float32 here: rounded once at the end of the call)."""
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((2, 1, 150, 2, 8))
+    v = rng.standard_normal((1, 150, 2, 5))
+    o, state = based.linear_attention_prefill(q, k, v)          # default float32 state
+    assert state.kv.dtype == np.float32 and o.dtype == np.float64
+    o_ref, bound = output_bound(q, k, v, "float64", scale=8**-0.5, normalize=True)
+    assert_within(o, o_ref, bound, "output")                    # float64-level bound
+    assert np.abs(o - o_ref).max() < 1e-12
+    kv_ref, _ = ref.linear_attention_state(k, v, scale=8**-0.5)
+    np.testing.assert_array_equal(state.kv, kv_ref.astype(np.float32))  # float64 sums, one rounding
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("t_bad", [0, 5, 64, 66], ids=lambda t: f"t{t}")
+def test_non_finite_inputs_stay_local(where, t_bad):
+    """A NaN in q_t reaches o_t only; a NaN/Inf in k_t or v_t reaches o_u for u >= t (and
+    the state), never an earlier output, even inside a chunk (t = 5, 66) (SPEC 4)."""
+    rng = np.random.default_rng(7)
+    b, t, h, dk, dv = 1, 100, 2, 4, 9
+    x = {"q": rng.standard_normal((b, t, h, dk)), "k": rng.standard_normal((b, t, h, dk)),
+         "v": rng.standard_normal((b, t, h, dv))}
+    x[where][0, t_bad, 1, 0] = np.inf if where == "v" else np.nan
+    o, state = based.linear_attention_prefill(x["q"], x["k"], x["v"])
+    finite = np.isfinite(o)
+    assert finite[:, :, 0].all(), "another head was touched"
+    assert finite[:, :t_bad].all(), "an earlier output was touched"
+    if where == "q":
+        assert not finite[0, t_bad, 1].any()
+        assert finite[:, t_bad + 1:].all() and np.isfinite(state.kv).all()
+    else:
+        assert not finite[0, t_bad:, 1].all(axis=-1).any()
+
+
+# ---------------------------------------------------------------------------------------
+# Property tests
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 3), t=st.integers(0, 90), h=st.integers(1, 3), dk=st.integers(1, 32), dv=st.integers(1, 40),
+    dtype=st.sampled_from(["float32", "float64", "float16"]), chunk=st.integers(0, 70), normalize=st.booleans(),
+    scale=st.floats(0.05, 2.0), seed=st.integers(0, 2**31),
+)
+def test_property_fast_equals_twin_equals_numpy(b, t, h, dk, dv, dtype, chunk, normalize, scale, seed):
+    rng = np.random.default_rng(seed)
+    q64, k64, v64 = (rounded(rng.standard_normal(s), dtype) for s in ((b, t, h, dk), (b, t, h, dk), (b, t, h, dv)))
+    qa, ka, va = (x.astype(dtype) for x in (q64, k64, v64))
+    outs = []
+    for fn, compute in ((_C.linear_attention_prefill, compute_dtype(dtype)), (_C.linear_attention_prefill_ref, "float64")):
+        kv, ks, tok = state_arrays(b, h, dk, dv, "float32", "numpy")
+        out = np.full((b, t, h, dv), np.nan, dtype)
+        call(fn, qa, ka, va, kv, ks, tok, out, scale=scale, normalize=normalize, chunk=chunk)
+        o_ref, bound = output_bound(q64, k64, v64, dtype, scale=scale, normalize=normalize,
+                                    chunk=chunk or DEFAULT_CHUNK, compute=compute)
+        assert_within(out, o_ref, bound, fn.__name__)
+        kv_ref, _, kv_b, _ = state_bound(k64, v64, "float32", compute, scale=scale, chunk=chunk or DEFAULT_CHUNK)
+        assert_within(kv, kv_ref, kv_b, f"{fn.__name__} state.kv")
+        assert list(tok) == [t] * b
+        outs.append(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The portable kernels (what a CPU without AVX2+FMA runs) pass the same checks
+# ---------------------------------------------------------------------------------------
+
+_GENERIC_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from based import _C
+from linear_helpers import assert_within, call, compute_dtype, output_bound, state_arrays, state_bound
+assert _C.linear_kernel_isa() == "generic", _C.linear_kernel_isa()
+rng = np.random.default_rng(0)
+for (b, t, h, dk, dv, dtype, chunk) in [(2, 130, 2, 16, 64, "float32", 0), (1, 67, 3, 5, 13, "float64", 8),
+                                        (2, 33, 1, 32, 100, "float16", 5), (1, 9, 2, 3, 1, "float32", 1)]:
+    q64, k64, v64 = (rng.standard_normal(s).astype(dtype).astype(np.float64)
+                     for s in ((b, t, h, dk), (b, t, h, dk), (b, t, h, dv)))
+    kv, ks, tok = state_arrays(b, h, dk, dv, "float32", "numpy")
+    out = np.full((b, t, h, dv), np.nan, dtype)
+    call(_C.linear_attention_prefill, *(x.astype(dtype) for x in (q64, k64, v64)), kv, ks, tok, out, scale=0.3,
+         chunk=chunk)
+    o_ref, bound = output_bound(q64, k64, v64, dtype, scale=0.3, normalize=True, chunk=chunk or 64)
+    assert_within(out, o_ref, bound, "generic prefill")
+    kv_ref, _, kv_b, _ = state_bound(k64, v64, "float32", compute_dtype(dtype), scale=0.3, chunk=chunk or 64)
+    assert_within(kv, kv_ref, kv_b, "generic state")
+    out1 = np.full((b, h, dv), np.nan, dtype)
+    call(_C.linear_attention_decode, *(x[:, 0].astype(dtype) for x in (q64, k64, v64)), kv, ks, tok, out1, scale=0.3)
+    assert np.isfinite(out1).all()
+print("generic ok")
+"""
+
+
+def test_portable_kernels_in_a_subprocess():
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "BASED_CPU_ISA": "generic"}
+    run = subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT, tests_dir], capture_output=True, text=True, env=env,
+                         cwd=tests_dir)
+    assert run.returncode == 0, run.stderr
+    assert "generic ok" in run.stdout
+
+
+def test_kernel_isa_is_reported():
+    assert _C.linear_kernel_isa() in ("avx2+fma", "generic")
+
+
+# ---------------------------------------------------------------------------------------
+# Array libraries and out=
+# ---------------------------------------------------------------------------------------
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_in_torch_out_and_out_argument(dtype):
+    rng = np.random.default_rng(8)
+    b, t, h, dk, dv = 2, 40, 3, 16, 24
+    q, k = (to_lib(rng.standard_normal((b, t, h, dk)), dtype, "torch", "bhtd") for _ in range(2))
+    v = to_lib(rng.standard_normal((b, t, h, dv)), dtype, "torch", "bhtd")
+    o, state = based.linear_attention_prefill(q, k, v)
+    assert isinstance(o, torch.Tensor) and o.dtype == v.dtype and o.shape == (b, t, h, dv)
+    assert isinstance(state.kv, torch.Tensor) and state.kv.dtype == torch.float32
+    big = torch.full((b, t, h, 2 * dv), float("nan"), dtype=v.dtype)
+    out = big[..., ::2]
+    o2, _ = based.linear_attention_prefill(q, k, v, out=out)
+    assert o2 is out and torch.isnan(big[..., 1::2]).all()
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+    o_dec = based.linear_attention_decode(q[:, 0], k[:, 0], v[:, 0], state)
+    assert isinstance(o_dec, torch.Tensor) and o_dec.shape == (b, h, dv)
+    assert state.tokens.tolist() == [t + 1] * b
