@@ -19,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 from ._arrays import parse_device as _parse_device
 from .feature_map import feature_dim, taylor_feature_map
 from .linear_attention import LinearAttentionState, linear_attention_decode, linear_attention_prefill
+from .sliding_window import SlidingWindowCache, sliding_window_decode, sliding_window_prefill
 
 __version__ = _C.__version__
 
@@ -71,4 +72,7 @@ __all__ = [
     "LinearAttentionState",
     "linear_attention_prefill",
     "linear_attention_decode",
+    "SlidingWindowCache",
+    "sliding_window_prefill",
+    "sliding_window_decode",
 ]

@@ -161,3 +161,33 @@ def linear_attention_state(k, v, *, scale=None, kv=None, ksum=None):
     kv, ksum = _state_or_zeros(kv, ksum, b, h, 1 + dk + dk * (dk + 1) // 2, v.shape[-1])
     phi_k = taylor_feature_map(k, scale)
     return kv + np.einsum("bthf,bthv->bhfv", phi_k, v), ksum + phi_k.sum(1)
+def sliding_window_mask(t_q, t_k, window, offset=0):
+    """Boolean (t_q, t_k) band: query i (absolute position offset + i) may attend key j
+    (absolute position j) iff offset + i - window < j <= offset + i (SPEC 1.2; flash-attention
+    window_size=(window - 1, 0))."""
+    p = offset + np.arange(t_q)[:, None]
+    u = np.arange(t_k)[None, :]
+    return (u <= p) & (u > p - window)
+
+
+def sliding_window_attention(q, k, v, window, scale=None, offset=0):
+    """Sliding-window softmax attention in float64 with an explicit mask (SPEC 1.2, paper Sec. 4).
+
+    q: (B, T, H, D) queries at absolute positions offset .. offset+T-1; k, v: (B, offset+T,
+    Hkv, D) keys and values of every position from 0 (the history a cache would hold, then
+    the call's own); H % Hkv == 0, query head h reads kv head h // (H // Hkv).
+    Returns (B, T, H, D) float64:
+        o[b, t, h] = softmax(scale * q[b, t, h] @ k[b, :, h // G].T  masked to the band) @ v[b, :, h // G]
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    _, t_q, heads, dim = q.shape
+    group = heads // k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    k = np.repeat(k, group, axis=2)                 # (B, S, H, D): kv head h // group for head h
+    v = np.repeat(v, group, axis=2)
+    scores = scale * np.einsum("bthd,bshd->bhts", q, k)
+    scores = np.where(sliding_window_mask(t_q, k.shape[1], window, offset), scores, -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True, initial=-np.inf)   # every row holds its own key
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)

@@ -1,8 +1,70 @@
 /*
- * ops_window.c -- bindings for sliding-window attention (prefill, decode, cache).
+ * ops_window.c -- bindings for sliding-window attention (prefill, decode, and the
+ * plain-loop reference twins the tests compare against). The cache is three tensors
+ * (k_cache, v_cache, tokens) here; based/sliding_window.py bundles them.
  */
 #include "pybased.h"
 
+#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
+
+typedef based_status (*window_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
+                                  DLTensor *, DLTensor *, const based_sliding_window_params *);
+
+/* name(q, k, v, k_cache, v_cache, tokens, out, window, scale) -> None */
+static PyObject *window_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs, const char *name, window_op op) {
+    if (based_py_check_nargs(name, nargs, 9) < 0) return NULL;
+    if (!PyLong_Check(args[7]) || PyBool_Check(args[7])) {
+        PyErr_Format(PyExc_TypeError, "window must be an int, got %.200s", Py_TYPE(args[7])->tp_name);
+        return NULL;
+    }
+    based_sliding_window_params p = {0, 0.0, NULL};
+    p.window = PyLong_AsLongLong(args[7]);
+    if (p.window == -1 && PyErr_Occurred()) return NULL;
+    if (based_py_as_double(args[8], "scale", &p.scale) < 0) return NULL;
+    static const char *names[7] = {"q", "k", "v", "k_cache", "v_cache", "tokens", "out"};
+    based_py_tensor t[7] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT,
+                            BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
+    for (int i = 0; i < 7; i++) {
+        if (based_py_import(m, args[i], names[i], i >= 3, Py_None, &t[i]) < 0) {
+            based_py_release_all(t, 7);
+            return NULL;
+        }
+    }
+    based_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor, t[4].tensor, t[5].tensor, t[6].tensor, &p);
+    Py_END_ALLOW_THREADS
+    based_py_release_all(t, 7);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_prefill(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return window_call(m, args, nargs, "sliding_window_prefill", based_sliding_window_prefill);
+}
+
+static PyObject *py_decode(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return window_call(m, args, nargs, "sliding_window_decode", based_sliding_window_decode);
+}
+
+static PyObject *py_prefill_ref(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return window_call(m, args, nargs, "sliding_window_prefill_ref", based_sliding_window_prefill_ref);
+}
+
+static PyObject *py_decode_ref(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    return window_call(m, args, nargs, "sliding_window_decode_ref", based_sliding_window_decode_ref);
+}
+
+#define WINDOW_ARGS "(q, k, v, k_cache, v_cache, tokens, out, window, scale, /)\n--\n\n"
+
 PyMethodDef based_window_methods[] = {
+    {"sliding_window_prefill", FASTCALL(py_prefill), METH_FASTCALL,
+     "sliding_window_prefill" WINDOW_ARGS "Prefill into out, continuing and updating the ring cache in place."},
+    {"sliding_window_decode", FASTCALL(py_decode), METH_FASTCALL,
+     "sliding_window_decode" WINDOW_ARGS "One token per sequence into out; updates the ring cache in place."},
+    {"sliding_window_prefill_ref", FASTCALL(py_prefill_ref), METH_FASTCALL,
+     "sliding_window_prefill_ref" WINDOW_ARGS "Plain-loop reference twin of sliding_window_prefill."},
+    {"sliding_window_decode_ref", FASTCALL(py_decode_ref), METH_FASTCALL,
+     "sliding_window_decode_ref" WINDOW_ARGS "Plain-loop reference twin of sliding_window_decode."},
     {NULL, NULL, 0, NULL},
 };

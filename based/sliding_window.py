@@ -1,0 +1,294 @@
+"""Sliding-window softmax attention (SPEC 1.2; Arora et al., ICML 2024, Sec. 4): prefill,
+decode, and the ring-buffer cache that carries a sequence from one call to the next.
+
+Query position p attends the ``window`` most recent key positions including its own,
+u in (p - window, p] -- flash-attention's ``window_size=(window - 1, 0)``:
+
+    o_p = softmax_u(scale * q_p . k_u) @ v_u,        scale defaults to 1/sqrt(D)
+
+Grouped-query attention: q has H heads, k and v have Hkv heads, H % Hkv == 0, and query
+head h reads kv head h // (H // Hkv). The softmax runs in float32 (float64 for float64
+inputs) with the running max subtracted. Note on checkpoints of the BASED repository: its
+config ``window_size: 128`` means flash ``(64, 0)``, i.e. ``window=65`` here.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from . import _arrays, _C
+from ._state import RecurrentState, _dtype_name
+
+MAX_HEAD_DIM = 256
+
+
+def _window_arg(window) -> int:
+    if isinstance(window, bool):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    try:
+        w = operator.index(window)
+    except TypeError:
+        raise TypeError(f"window must be an int, got {type(window).__name__}") from None
+    if w < 1:
+        raise ValueError(f"window must be >= 1, got {w}")
+    return w
+
+
+def _scale_arg(scale, head_dim: int) -> float:
+    if scale is None:
+        return _arrays.default_scale(head_dim)
+    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__float__"):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    s = float(scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {s}")
+    return s
+
+
+def _int_arg(value, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if n < low or (high is not None and n > high):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name} must be {bound}, got {n}")
+    return n
+
+
+def _dtype_arg(dtype) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__ == "torch":
+        name = _arrays.torch_dtype_name(dtype)
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    if name not in _arrays.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {name}")
+    return name
+
+
+class SlidingWindowCache(RecurrentState):
+    """Keys and values of the last ``window`` positions of each sequence, in ring buffers.
+
+    Tensors (zero-copy views in the array type the cache was made with; writing through
+    them changes the cache):
+
+    * ``k``, ``v``: ``(batch, kv_heads, window, head_dim)``. The key of absolute position
+      p of sequence b lives in ``k[b, :, p % window]``.
+    * ``tokens``: ``(batch,)`` int64, positions seen so far per sequence. The valid slots
+      of sequence b hold its last ``min(tokens[b], window)`` positions; other slots are
+      never read. Sequences may have different counts (e.g. after ``reset`` of some).
+
+    Memory is fixed at creation and never grows with the sequence. The cache stores keys
+    and values exactly as given, so k and v passed to prefill/decode must have the
+    cache's dtype (``TypeError`` otherwise); this is what makes a prompt processed in one
+    prefill, in chunks, or token by token through decode give bit-identical outputs.
+
+    Settings: ``window`` (keys attended per query, the query's own included) and
+    ``scale``; calls that pass a different one fail (SPEC 3). Batch management
+    (``reset``, ``copy_``, ``clone``, ``index_select``, ``save``/``load``) comes from
+    ``based._state.RecurrentState``.
+    """
+
+    _tensors = ("k", "v", "tokens")
+    _settings = ("window", "scale")
+
+    @classmethod
+    def zeros(cls, batch, kv_heads, window, head_dim, *, dtype=None, device=None, scale=None, like=None):
+        """An empty cache (``tokens`` all zero).
+
+        Args:
+            batch: sequences, >= 0. kv_heads: key/value heads Hkv, >= 1.
+            window: W >= 1, keys attended per query (its own included).
+            head_dim: D, 1..256.
+            dtype: 'float32', 'float64', 'float16' or 'bfloat16' (or a numpy/torch dtype);
+                the dtype of the k and v the cache will be fed. Default: like's dtype.
+            device: 'cpu', 'cuda', 'cuda:N'; default like's device, else 'cpu'.
+            scale: softmax scale > 0; default 1/sqrt(head_dim).
+            like: an array whose type the tensors take (torch in -> torch tensors, numpy
+                in -> numpy arrays); without it they are ``based.Buffer`` objects.
+
+        Raises:
+            TypeError: a non-integer size, an unknown dtype, or no dtype and no like.
+            ValueError: a size or scale out of range, a bad device.
+        """
+        batch = _int_arg(batch, "batch", 0)
+        kv_heads = _int_arg(kv_heads, "kv_heads", 1)
+        window = _window_arg(window)
+        head_dim = _int_arg(head_dim, "head_dim", 1, MAX_HEAD_DIM)
+        if dtype is None:
+            if like is None:
+                raise TypeError("SlidingWindowCache.zeros needs a dtype (or like=, whose dtype it then takes)")
+            dtype = _dtype_name(like)
+        dtype = _dtype_arg(dtype)
+        scale = _scale_arg(scale, head_dim)
+        shape = (batch, kv_heads, window, head_dim)
+        tensors = {
+            "k": _arrays.zeros(like, shape, dtype, device),
+            "v": _arrays.zeros(like, shape, dtype, device),
+            "tokens": _arrays.zeros(like, (batch,), "int64", device),
+        }
+        return cls(tensors, {"window": window, "scale": scale})
+
+    @classmethod
+    def load(cls, path, *, device=None, like=None):
+        """A cache read from a file written by ``save`` (format: based._state docstring),
+        in like's array type on ``device`` (as in ``zeros``), with its saved dtype.
+
+        Raises ValueError for a file that is not a saved SlidingWindowCache.
+        """
+        meta, arrays = cls._read(path)
+        batch, kv_heads, window, head_dim = arrays["k"].shape
+        settings = meta.get("settings", {})
+        if settings.get("window") != window:
+            raise ValueError(f"{path}: window setting {settings.get('window')!r} does not match k's shape "
+                             f"{arrays['k'].shape}")
+        new = cls.zeros(batch, kv_heads, window, head_dim, dtype=meta["dtypes"]["k"], device=device,
+                        scale=settings.get("scale"), like=like)
+        return new._fill_from(arrays)
+
+    def _zeros_like_self(self, batch: int):
+        k = self._t["k"]
+        return type(self).zeros(batch, self.kv_heads, self.window, self.head_dim, dtype=_dtype_name(k),
+                                device=self.device, scale=self.scale, like=k)
+
+    @property
+    def k(self):
+        """Key ring buffer, (batch, kv_heads, window, head_dim); position p in slot p % window."""
+        return self._t["k"]
+
+    @property
+    def v(self):
+        """Value ring buffer, (batch, kv_heads, window, head_dim)."""
+        return self._t["v"]
+
+    @property
+    def window(self) -> int:
+        """Keys attended per query, the query's own included."""
+        return self._s["window"]
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale: scores are scale * q.k."""
+        return self._s["scale"]
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self._t["k"].shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self._t["k"].shape[3])
+
+
+def _inputs(q, k, v, q_layout: str, kv_layout: str):
+    """ArrayInfo of q, k, v after the checks the Python layer needs before allocating."""
+    infos = []
+    for name, x, layout in (("q", q, q_layout), ("k", k, kv_layout), ("v", v, kv_layout)):
+        _arrays.require_no_grad(x, name)
+        i = _arrays.info(x, name)
+        _arrays.require_float(i, name)
+        if len(i.shape) != layout.count(",") + 1:
+            raise ValueError(f"{name} must have shape {layout}, got {tuple(i.shape)}")
+        infos.append(i)
+    return infos
+
+
+def _require_cache(cache):
+    if not isinstance(cache, SlidingWindowCache):
+        raise TypeError(f"cache must be a based.SlidingWindowCache, got {type(cache).__name__}")
+
+
+def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=None):
+    """Sliding-window softmax attention over a prompt (or the next chunk of one).
+
+    ``o[b, t, h] = softmax_u(scale * q[b, t, h] . k[b, u, h // G]) @ v[b, u, h // G]``
+    over the ``window`` positions u in (t - window, t], G = H // Hkv (SPEC 1.2, paper
+    Sec. 4). Positions count from the cache's ``tokens``: a given cache is continued,
+    so the first queries also attend to the cached keys before them (chunked prefill).
+
+    Args:
+        q: ``(B, T, H, D)``; k, v: ``(B, T, Hkv, D)``, H % Hkv == 0, 1 <= D <= 256, T >= 0.
+            One dtype for all three: float32, float64, float16 or bfloat16. Any strides
+            (a ``(B, H, T, D)`` tensor passed as ``x.transpose(1, 2)`` needs no copy); any
+            DLPack array.
+        window: keys attended per query (its own included), >= 1. Required without a
+            cache; with one it defaults to ``cache.window`` and must equal it.
+        scale: softmax scale > 0; default the cache's, else ``1 / sqrt(D)``. With a cache it
+            must equal ``cache.scale``.
+        cache: a ``SlidingWindowCache`` of shape ``(B, Hkv, window, D)`` and k's dtype, updated
+            in place. None: a new one (``SlidingWindowCache.zeros(..., like=q)``) is filled.
+        out: optional ``(B, T, H, D)`` array with v's dtype, written in place; must not
+            overlap the inputs or the cache.
+
+    Returns:
+        ``(o, cache)``: o in v's dtype and q's array type (``out`` if given); cache holds
+        the last ``min(tokens, window)`` keys and values of each sequence, and is the very
+        object passed in, if one was.
+
+    Raises:
+        TypeError: a non-array, unsupported or mismatched dtypes (the cache's included), a
+            tensor that requires grad, a cache that is not a SlidingWindowCache.
+        ValueError: shapes (incl. H % Hkv != 0, D out of 1..256), a window or scale that is
+            out of range or disagrees with the cache, devices that differ, out overlapping
+            an input, the cache or itself, a read-only out.
+        NotImplementedError: CUDA arrays (the CUDA kernels are a separate issue).
+    On any error nothing is written: out and the cache keep every bit.
+    """
+    qi, ki, vi = _inputs(q, k, v, "(B, T, H, D)", "(B, T, Hkv, D)")
+    batch, seqlen, heads, head_dim = qi.shape
+    if cache is None:
+        if window is None:
+            raise ValueError("sliding_window_prefill: window is required when no cache is given")
+        window = _window_arg(window)
+        if not 1 <= head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"q must have a head dim D between 1 and {MAX_HEAD_DIM}, got D={head_dim}")
+        cache = SlidingWindowCache.zeros(batch, ki.shape[2], window, head_dim, dtype=ki.dtype, scale=scale,
+                                         like=q, device=qi.device)
+    else:
+        _require_cache(cache)
+        if window is not None and _window_arg(window) != cache.window:
+            raise ValueError(f"window={window} differs from the cache's window={cache.window}")
+        if scale is not None and _scale_arg(scale, head_dim) != cache.scale:
+            raise ValueError(f"scale={scale} differs from the cache's scale={cache.scale}")
+    if out is None:
+        out = _arrays.empty(v, (batch, seqlen, heads, head_dim), vi.dtype, qi.device)
+    _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    return out, cache
+
+
+def sliding_window_decode(q, k, v, cache, *, out=None):
+    """One new token per sequence: store its key and value in the cache, then attend.
+
+    The key and value go into ring slot ``tokens[b] % window`` (replacing the position that
+    just left the window), ``tokens[b]`` grows by one, and the query attends the valid slots,
+    its own included -- the same output ``sliding_window_prefill`` gives that position.
+
+    Args:
+        q: ``(B, H, D)``; k, v: ``(B, Hkv, D)``; one float dtype, the cache's. Any strides.
+        cache: the ``SlidingWindowCache`` to read and update in place; its window and
+            scale apply.
+        out: optional ``(B, H, D)`` array with v's dtype, written in place.
+
+    Returns:
+        o: ``(B, H, D)``, v's dtype, q's array type (``out`` if given).
+
+    Raises:
+        TypeError, ValueError, NotImplementedError: as ``sliding_window_prefill``; on any
+        error out and the cache keep every bit.
+    """
+    _require_cache(cache)
+    qi, _, vi = _inputs(q, k, v, "(B, H, D)", "(B, Hkv, D)")
+    if out is None:
+        out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)
+    _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    return out

@@ -1,0 +1,409 @@
+"""Sliding-window attention (SPEC 1.2): the fast kernel and its plain-loop C twin against the
+float64 NumPy reference with an explicit band mask, over shapes, dtypes, GQA groups, head dims
+and strides; prefill continued by decode and by more prefill chunks, across the step where the
+ring cache fills and wraps; window 1; hypothesis property tests."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import EPS, HAS_TORCH, make_array, poison, requires_torch, rounded, to_numpy64, torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import based
+from based import _C
+from based import reference as ref
+
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+IMPLS = {"fast": (_C.sliding_window_prefill, _C.sliding_window_decode),
+         "ref": (_C.sliding_window_prefill_ref, _C.sliding_window_decode_ref)}
+
+
+def lib_for(dtype):
+    return "torch" if dtype == "bfloat16" else "numpy"
+
+
+def make_inputs(rng, shape_q, shape_kv, dtype, lib=None, spread=1.5):
+    """q, k, v as arrays of `dtype` plus the float64 values the kernel actually sees."""
+    lib = lib or lib_for(dtype)
+    data = [spread * rng.standard_normal(shape_q), spread * rng.standard_normal(shape_kv),
+            rng.standard_normal(shape_kv)]
+    return [make_array(lib, d, dtype) for d in data], [rounded(d, dtype) for d in data]
+
+
+def tolerance(q64, k64, v64, scale, dtype, window, want):
+    """Elementwise bound on |o - ref|, from the standard first-order error analysis of the
+    kernel's arithmetic in eps_c = EPS[compute] (float32, or float64 for float64 inputs):
+      * a score s = scale * q.k (D products, q pre-scaled) is off by <= (D + 2) eps_c smax, with
+        smax = scale * max over query/key pairs of sum_i |q_i k_i| (computed from the data);
+      * so each softmax weight p_u = exp(s_u - m) / l is off by a relative 2 (D + 2) eps_c smax,
+        plus (W + 4) eps_c for exp, the rescaling and the sum l of at most W terms;
+      * o = sum_u p_u v_u adds W eps_c max|v| for its own sum;
+    giving max|v| eps_c (2 (D + 2) smax + 2 W + 8), plus rounding o to the output dtype: half an
+    ulp, taken as EPS[dtype] |ref| (twice that, to be safe), and one float16 subnormal ulp."""
+    compute = "float64" if dtype == "float64" else "float32"
+    d = q64.shape[-1]
+    if q64.size == 0 or k64.size == 0:
+        return 0.0
+    smax = scale * np.einsum("bthd,bshd->bhts", np.abs(q64), np.repeat(np.abs(k64), q64.shape[2] // k64.shape[2],
+                                                                     axis=2)).max()
+    vmax = np.abs(v64).max()
+    atol = vmax * EPS[compute] * (2 * (d + 2) * smax + 2 * window + 8)
+    return EPS[dtype] * np.abs(want) + atol + (2.0**-24 if dtype == "float16" else 0.0)
+
+
+def assert_close(got, want, bound, what=""):
+    got = to_numpy64(got)
+    assert got.shape == want.shape, what
+    err = np.abs(got - want)
+    ok = err <= bound
+    assert np.all(ok), f"{what}: max err {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}, " \
+                       f"bound there {np.broadcast_to(bound, err.shape)[~ok].min():.3g}"
+
+
+def new_cache(k, batch, kv_heads, window, head_dim, scale=None):
+    return based.SlidingWindowCache.zeros(batch, kv_heads, window, head_dim, scale=scale, like=k)
+
+
+def prefill(impl, q, k, v, cache, out=None):
+    if out is None:
+        out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
+    IMPLS[impl][0](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    return out
+
+
+def decode(impl, q, k, v, cache):
+    out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
+    IMPLS[impl][1](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    return out
+
+
+def bits(a):
+    """The exact bytes of an array (numpy or torch, any dtype), for bit-identity checks."""
+    if HAS_TORCH and isinstance(a, torch.Tensor):
+        return a.detach().contiguous().view(torch.uint8).numpy().tobytes() if a.numel() else b""
+    return np.ascontiguousarray(a).tobytes()
+
+
+# (B, T, H, Hkv, D, W): every case is quick; together they cover T against W, GQA groups,
+# head dims (odd, not a multiple of the 16-wide register blocks, the 256 maximum), windows
+# spanning several 64-key softmax blocks and 256-key chunks, and the adaptive query block
+# (G * D large makes a work item hold fewer queries).
+CASES = {
+    "T<W": (2, 5, 4, 2, 16, 8),
+    "T=W": (2, 8, 4, 2, 16, 8),
+    "T=W+1": (2, 9, 4, 2, 16, 8),
+    "T>>W": (1, 300, 2, 1, 32, 7),
+    "T=1": (3, 1, 2, 2, 8, 4),
+    "W=1": (2, 10, 2, 1, 8, 1),
+    "gqa1": (1, 40, 4, 4, 16, 12),
+    "gqa2": (1, 40, 4, 2, 16, 12),
+    "gqa4": (1, 40, 8, 2, 16, 12),
+    "D1": (2, 20, 2, 1, 1, 5),
+    "D7": (2, 20, 3, 1, 7, 6),
+    "D64-W65": (1, 90, 2, 2, 64, 65),
+    "D100": (1, 30, 2, 1, 100, 9),
+    "D256": (1, 20, 2, 2, 256, 10),
+    "W150-blocks": (1, 200, 2, 1, 16, 150),
+    "W300-chunks": (1, 600, 1, 1, 8, 300),
+    "G16-D256": (1, 60, 16, 1, 256, 20),
+    "T=0": (2, 0, 2, 1, 8, 4),
+    "B=0": (0, 5, 2, 1, 8, 4),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_matches_reference(case, dtype, impl):
+    B, T, H, Hkv, D, W = CASES[case]
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    rng = np.random.default_rng(list(CASES).index(case))
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, T, H, D), (B, T, Hkv, D), dtype)
+    cache = new_cache(k, B, Hkv, W, D)
+    out = prefill(impl, q, k, v, cache)
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    assert_close(out, want, tolerance(q64, k64, v64, D**-0.5, dtype, W, want), case)
+    # the cache holds the last min(T, W) keys and values, position p in slot p % W, bit for bit
+    assert to_numpy64(cache.tokens).tolist() == [T] * B
+    ck, cv = to_numpy64(cache.k), to_numpy64(cache.v)
+    for p in range(max(0, T - W), T):
+        np.testing.assert_array_equal(ck[:, :, p % W], k64[:, p])
+        np.testing.assert_array_equal(cv[:, :, p % W], v64[:, p])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_matches_reference_twin(dtype):
+    """The fast kernel against the plain-loop C twin directly, on one mid-sized case."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    B, T, H, Hkv, D, W = 2, 130, 6, 2, 40, 33
+    rng = np.random.default_rng(7)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, T, H, D), (B, T, Hkv, D), dtype)
+    fast = to_numpy64(prefill("fast", q, k, v, new_cache(k, B, Hkv, W, D)))
+    twin = to_numpy64(prefill("ref", q, k, v, new_cache(k, B, Hkv, W, D)))
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    # both are within `tolerance` of the float64 truth, so within twice it of each other
+    assert_close(fast, twin, 2 * tolerance(q64, k64, v64, D**-0.5, dtype, W, want), "fast vs twin")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_window_one_returns_the_tokens_own_value(dtype):
+    """window=1: each query attends only its own key, so o == v exactly (softmax weight 1)."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    rng = np.random.default_rng(3)
+    (q, k, v), _ = make_inputs(rng, (2, 11, 4, 5), (2, 11, 2, 5), dtype, spread=30.0)
+    for impl in IMPLS:
+        out, cache = based.sliding_window_prefill(q, k, v, window=1) if impl == "fast" else \
+            (prefill("ref", q, k, v, new_cache(k, 2, 2, 1, 5)), None)
+        expected = np.repeat(to_numpy64(v), 2, axis=2)
+        np.testing.assert_array_equal(to_numpy64(out), expected)
+        if cache is not None:
+            o1 = based.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], cache)
+            np.testing.assert_array_equal(to_numpy64(o1), expected[:, 0])
+
+
+def test_first_query_without_cache_returns_its_value():
+    """Position 0 has one key (itself) whatever the window: o_0 == v_0 exactly."""
+    rng = np.random.default_rng(4)
+    (q, k, v), _ = make_inputs(rng, (3, 6, 2, 9), (3, 6, 1, 9), "float32")
+    out, _ = based.sliding_window_prefill(q, k, v, window=50)
+    np.testing.assert_array_equal(out[:, 0], np.repeat(v[:, 0], 2, axis=1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_then_decode_through_fill_and_wrap(dtype, impl):
+    """prefill(T1) then decode token by token equals prefill(T) -- output by output -- through the
+    step where the cache first fills (tokens W-1 -> W) and the steps where it wraps (W -> W+1, ...).
+    The fast kernel is bit-identical across the two paths (its arithmetic per query depends only on
+    the query's own window); the twin is held to the reference tolerance."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    B, H, Hkv, D, W, T = 2, 4, 2, 12, 6, 20
+    rng = np.random.default_rng(5)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, T, H, D), (B, T, Hkv, D), dtype)
+    full = prefill(impl, q, k, v, new_cache(k, B, Hkv, W, D))
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    bound = tolerance(q64, k64, v64, D**-0.5, dtype, W, want)
+    for t1 in (0, 1, W - 1, W, W + 1):
+        cache = new_cache(k, B, Hkv, W, D)
+        first = prefill(impl, q[:, :t1], k[:, :t1], v[:, :t1], cache)
+        outs = [to_numpy64(first)]
+        for t in range(t1, T):
+            outs.append(to_numpy64(decode(impl, q[:, t], k[:, t], v[:, t], cache))[:, None])
+            assert to_numpy64(cache.tokens).tolist() == [t + 1] * B
+        got = np.concatenate(outs, axis=1)
+        if impl == "fast":
+            np.testing.assert_array_equal(got, to_numpy64(full), err_msg=f"t1={t1}")
+        assert_close(got, want, bound, f"t1={t1}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_chunked_prefill_across_the_wrap(dtype):
+    """prefill in chunks (boundaries before, at and across multiples of W; empty chunks too) equals
+    one prefill, bit for bit, and leaves the same cache."""
+    if dtype == "bfloat16" and not HAS_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    B, H, Hkv, D, W, T = 2, 2, 1, 16, 7, 40
+    rng = np.random.default_rng(6)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, T, H, D), (B, T, Hkv, D), dtype)
+    one_cache = new_cache(k, B, Hkv, W, D)
+    one = prefill("fast", q, k, v, one_cache)
+    for cuts in ([3, 7, 7, 12, 20, 33], [6, 8, 14, 15], [0, 1, 2, 39], [13]):
+        cache = new_cache(k, B, Hkv, W, D)
+        edges = [0, *cuts, T]
+        parts = [to_numpy64(prefill("fast", q[:, a:b], k[:, a:b], v[:, a:b], cache)) for a, b in zip(edges, edges[1:])]
+        np.testing.assert_array_equal(np.concatenate(parts, axis=1), to_numpy64(one), err_msg=str(cuts))
+        for name in ("k", "v", "tokens"):
+            assert bits(getattr(cache, name)) == bits(getattr(one_cache, name)), (cuts, name)
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    assert_close(one, want, tolerance(q64, k64, v64, D**-0.5, dtype, W, want))
+
+
+def test_cached_history_is_attended_across_the_boundary():
+    """The second chunk's first queries read keys of the first chunk from the ring cache only:
+    overwrite the first chunk's inputs after the first call and the second call is unchanged."""
+    B, H, D, W, T1, T2 = 1, 2, 8, 5, 9, 6
+    rng = np.random.default_rng(8)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, T1 + T2, H, D), (B, T1 + T2, H, D), "float64")
+    k1, v1 = k[:, :T1].copy(), v[:, :T1].copy()
+    o1, cache = based.sliding_window_prefill(q[:, :T1], k1, v1, window=W)
+    k1[...] = np.nan
+    v1[...] = np.nan
+    o2, same = based.sliding_window_prefill(q[:, T1:], k[:, T1:], v[:, T1:], cache=cache)
+    assert same is cache
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    np.testing.assert_allclose(np.concatenate([o1, o2], axis=1), want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(ref.sliding_window_attention(q64[:, T1:], k64, v64, W, offset=T1), want[:, T1:],
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_sequences_at_different_positions():
+    """After reset of one sequence, the batch continues with per-sequence token counts: the reset
+    sequence restarts at position 0, the other carries on with its history."""
+    B, H, D, W = 2, 2, 8, 4
+    rng = np.random.default_rng(9)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (B, 12, H, D), (B, 12, H, D), "float64")
+    _, cache = based.sliding_window_prefill(q[:, :7], k[:, :7], v[:, :7], window=W)
+    cache.reset([1])
+    assert cache.tokens.tolist() == [7, 0]
+    o, _ = based.sliding_window_prefill(q[:, 7:], k[:, 7:], v[:, 7:], cache=cache)
+    want0 = ref.sliding_window_attention(q64[:1], k64[:1], v64[:1], W)[:, 7:]
+    want1 = ref.sliding_window_attention(q64[1:, 7:], k64[1:, 7:], v64[1:, 7:], W)
+    np.testing.assert_allclose(o, np.concatenate([want0, want1]), rtol=1e-13, atol=1e-13)
+    assert cache.tokens.tolist() == [12, 5]
+    o = based.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], cache)
+    for b, n in enumerate((12, 5)):
+        hist = np.concatenate([k64[b:b + 1, 12 - n:12], k64[b:b + 1, :1]], axis=1)
+        vh = np.concatenate([v64[b:b + 1, 12 - n:12], v64[b:b + 1, :1]], axis=1)
+        want = ref.sliding_window_attention(q64[b:b + 1, :1], hist, vh, W, offset=n)
+        np.testing.assert_allclose(o[b:b + 1], want[:, 0], rtol=1e-13, atol=1e-13)
+
+
+def test_strided_numpy_inputs_out_and_cache():
+    """Transposed, negative-stride and broadcast (stride 0) inputs; a strided out; cache
+    tensors that are strided views (through the C binding): no copies, same results."""
+    B, T, H, D, W = 2, 15, 4, 6, 5
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((B, H, T, D)).transpose(0, 2, 1, 3)        # (B, T, H, D) view
+    k = rng.standard_normal((B, T, 2, 2 * D))[..., ::-2]              # negative stride
+    v = np.broadcast_to(rng.standard_normal((B, T, 1, D)), (B, T, 2, D))  # stride 0 along Hkv
+    want = ref.sliding_window_attention(q, k, v, W)
+    big = poison(np.empty((B, T, H, 3 * D)))
+    out = big[..., 1::3]
+    kc = np.zeros((B, W, 2, D)).transpose(0, 2, 1, 3)
+    vc = np.zeros((B, 2, W, 2 * D))[..., ::2]
+    tokens = np.zeros(2 * B, np.int64)[::2]
+    _C.sliding_window_prefill(q, k, v, kc, vc, tokens, out, W, D**-0.5)
+    np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
+    assert np.isnan(big[..., 0::3]).all() and np.isnan(big[..., 2::3]).all(), "wrote outside the out view"
+    assert tokens.tolist() == [T, T]
+    o1 = poison(np.empty((B, H, D)))
+    _C.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], kc, vc, tokens, o1, W, D**-0.5)
+    hist = np.concatenate([k[:, T - W + 1:], k[:, :1]], axis=1)
+    vh = np.concatenate([v[:, T - W + 1:], v[:, :1]], axis=1)
+    np.testing.assert_allclose(o1, ref.sliding_window_attention(q[:, :1], hist, vh, W, offset=W - 1)[:, 0],
+                               rtol=1e-13, atol=1e-13)
+
+
+@requires_torch
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_transposed_layout(dtype):
+    """(B, H, T, D) tensors passed as x.transpose(1, 2) work without a copy; torch in, torch out."""
+    B, T, H, Hkv, D, W = 2, 33, 4, 2, 24, 10
+    rng = np.random.default_rng(11)
+    data = [rng.standard_normal((B, n, T, D)) for n in (H, Hkv, Hkv)]
+    q, k, v = (make_array("torch", d, dtype).transpose(1, 2) for d in data)
+    q64, k64, v64 = (rounded(d, dtype).transpose(0, 2, 1, 3) for d in data)
+    out, cache = based.sliding_window_prefill(q, k, v, window=W)
+    assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, dtype) and out.shape == (B, T, H, D)
+    assert isinstance(cache.k, torch.Tensor) and cache.k.dtype == k.dtype and cache.tokens.dtype == torch.int64
+    want = ref.sliding_window_attention(q64, k64, v64, W)
+    assert_close(out, want, tolerance(q64, k64, v64, D**-0.5, dtype, W, want))
+    o1 = based.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], cache)
+    assert isinstance(o1, torch.Tensor) and o1.shape == (B, H, D)
+
+
+def test_scale():
+    rng = np.random.default_rng(12)
+    (q, k, v), _ = make_inputs(rng, (1, 20, 2, 8), (1, 20, 2, 8), "float64")
+    for scale in (0.05, 1.0, 3.0):
+        out, cache = based.sliding_window_prefill(q, k, v, window=6, scale=scale)
+        assert cache.scale == scale
+        np.testing.assert_allclose(out, ref.sliding_window_attention(q, k, v, 6, scale), rtol=1e-12, atol=1e-13)
+
+
+def test_softmax_is_stable_for_large_scores():
+    """Scores in the thousands: the running max keeps exp finite; the result is the argmax value
+    (fp32 and fp64 agree with the reference)."""
+    rng = np.random.default_rng(13)
+    q, k, v = (rng.standard_normal((1, 50, 1, 4)) for _ in range(3))
+    q *= 300.0
+    k *= 300.0
+    want = ref.sliding_window_attention(q, k, v, 9)
+    assert np.isfinite(want).all()
+    for dtype in ("float32", "float64"):
+        out, _ = based.sliding_window_prefill(q.astype(dtype), k.astype(dtype), v.astype(dtype), window=9)
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out, want, atol=1e-3 if dtype == "float32" else 1e-12)
+
+
+def test_nonfinite_inputs_stay_local():
+    """A NaN key at position 3 reaches the queries whose window holds position 3 (3 .. 3+W-1) of
+    the heads that read its kv head, and nothing else (SPEC 4)."""
+    B, T, H, D, W = 1, 20, 4, 8, 5
+    rng = np.random.default_rng(14)
+    q, k, v = rng.standard_normal((B, T, H, D)), rng.standard_normal((B, T, 2, D)), rng.standard_normal((B, T, 2, D))
+    k[0, 3, 1, 2] = np.nan
+    v[0, 10, 0, 0] = np.inf
+    out, _ = based.sliding_window_prefill(q, k, v, window=W)
+    bad = ~np.isfinite(out[0])                           # (T, H)
+    expect = np.zeros((T, H), bool)
+    expect[3:3 + W, 2:] = True                           # heads 2, 3 read kv head 1
+    expect[10:10 + W, :2] = True                         # heads 0, 1 read kv head 0 (inf * weight)
+    np.testing.assert_array_equal(bad.any(axis=-1), expect)
+
+
+def test_thread_count_does_not_change_bits(tmp_path):
+    """One thread (a fresh process with OMP_NUM_THREADS=1) gives the same bits as many."""
+    rng = np.random.default_rng(15)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 300, 4, 32), (2, 300, 2, 32), (2, 300, 2, 32)))
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v)
+    script = ("import numpy as np, based, sys; z = np.load(sys.argv[1]); "
+              "o, _ = based.sliding_window_prefill(z['q'], z['k'], z['v'], window=70); np.save(sys.argv[2], o)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.npz"), str(tmp_path / "o.npy")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out, _ = based.sliding_window_prefill(q, k, v, window=70)
+    assert np.load(tmp_path / "o.npy").tobytes() == out.tobytes()
+
+
+def test_memory_stays_fixed_over_a_long_decode():
+    B, H, D, W = 2, 2, 4, 3
+    rng = np.random.default_rng(16)
+    cache = based.SlidingWindowCache.zeros(B, H, W, D, dtype="float64", like=np.empty(0))
+    k_obj, nbytes = cache.k, cache.nbytes
+    ks, vs = [], []
+    for t in range(50):
+        q, k, v = (rng.standard_normal((B, H, D)) for _ in range(3))
+        ks.append(k)
+        vs.append(v)
+        o = based.sliding_window_decode(q, k, v, cache)
+    assert cache.k is k_obj and cache.nbytes == nbytes and cache.tokens.tolist() == [50, 50]
+    want = ref.sliding_window_attention(q[:, None], np.stack(ks, 1), np.stack(vs, 1), W, offset=49)[:, 0]
+    np.testing.assert_allclose(o, want, rtol=1e-13, atol=1e-13)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+    head_dim=st.integers(1, 40), window=st.integers(1, 80), seqlen=st.integers(0, 120),
+    cuts=st.lists(st.integers(0, 120), max_size=3), n_decode=st.integers(0, 5),
+    dtype=st.sampled_from(["float32", "float64", "float16"]), seed=st.integers(0, 2**32 - 1),
+)
+def test_property_chunks_and_decode_match_reference(batch, kv_heads, group, head_dim, window, seqlen, cuts,
+                                                    n_decode, dtype, seed):
+    """Any shape, any split of the prompt into prefill chunks, then some decode steps: outputs
+    within tolerance of the float64 reference, bit-identical to one prefill over everything."""
+    heads = kv_heads * group
+    total = seqlen + n_decode
+    rng = np.random.default_rng(seed)
+    (q, k, v), (q64, k64, v64) = make_inputs(rng, (batch, total, heads, head_dim),
+                                             (batch, total, kv_heads, head_dim), dtype)
+    cache = new_cache(k, batch, kv_heads, window, head_dim)
+    edges = [0, *sorted(c for c in cuts if c <= seqlen), seqlen]
+    parts = [prefill("fast", q[:, a:b], k[:, a:b], v[:, a:b], cache) for a, b in zip(edges, edges[1:])]
+    parts += [decode("fast", q[:, t], k[:, t], v[:, t], cache)[:, None] for t in range(seqlen, total)]
+    got = np.concatenate(parts, axis=1)
+    want = ref.sliding_window_attention(q64, k64, v64, window)
+    assert_close(got, want, tolerance(q64, k64, v64, head_dim**-0.5, dtype, window, want))
+    whole = prefill("fast", q, k, v, new_cache(k, batch, kv_heads, window, head_dim))
+    assert got.tobytes() == whole.tobytes()
+    assert cache.tokens.tolist() == [total] * batch
