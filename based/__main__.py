@@ -16,9 +16,21 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import demo
+
     parser = argparse.ArgumentParser(prog="python -m based", description="based: BASED attention kernels.")
     sub = parser.add_subparsers(dest="command", metavar="command")
+    d = sub.add_parser("demo", help="generate Shakespeare with the bundled BASED model through based's kernels",
+                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_arguments(d)
+    d.set_defaults(func=_cmd_demo)
     info = sub.add_parser("info", help="print how this build of based was made (CUDA, OpenMP, version)")
     info.set_defaults(func=_cmd_info)
     return parser

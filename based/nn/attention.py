@@ -2,9 +2,9 @@
 
 Each is split into ``project`` (x -> q, k, v in SPEC 2's ``(B, T, H, D)`` layout, rotary
 applied), ``attend`` (the differentiable training path, ``based.nn.functional``) and
-``output`` (heads -> d_model). Inference methods that hand the projected q, k, v to based's
-kernels (``based.linear_attention_prefill/decode``, ``based.sliding_window_prefill/decode``)
-reuse ``project`` and ``output`` unchanged.
+``output`` (heads -> d_model). Inference (``new_state``, ``prefill``, ``step``) hands the
+projected q, k, v to based's kernels (``based.linear_attention_prefill/decode``,
+``based.sliding_window_prefill/decode``) and their state objects.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 
 import torch
 from torch import nn
+
+import based
 
 from . import functional
 
@@ -55,6 +57,27 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.attend(*self.project(x)))
+
+    # -- inference through based's kernels ----------------------------------------------
+
+    def new_state(self, batch: int) -> "based.LinearAttentionState":
+        """A zero float32 ``based.LinearAttentionState`` (torch tensors on the weights' device)."""
+        return based.LinearAttentionState.zeros(batch, self.heads, self.feature_dim, self.head_dim,
+                                                like=self.q_proj.weight, scale=self.scale)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, state: "based.LinearAttentionState") -> torch.Tensor:
+        """``(B, T, dim)`` tokens continuing ``state`` -> ``(B, T, dim)``; state updated in place
+        (``based.linear_attention_prefill``, the chunked kernel)."""
+        q, k, v = self.project(x)
+        o, _ = based.linear_attention_prefill(q, k, v, state, eps=self.eps)
+        return self.output(o)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, state: "based.LinearAttentionState") -> torch.Tensor:
+        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.linear_attention_decode``)."""
+        q, k, v = (t[:, 0] for t in self.project(x[:, None]))
+        return self.out_proj(based.linear_attention_decode(q, k, v, state, eps=self.eps).flatten(-2))
 
 
 class SlidingWindowAttention(nn.Module):
@@ -107,3 +130,26 @@ class SlidingWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.attend(*self.project(x)))
+
+    # -- inference through based's kernels ----------------------------------------------
+
+    def new_state(self, batch: int) -> "based.SlidingWindowCache":
+        """An empty ring-buffer ``based.SlidingWindowCache`` of ``window`` slots in the
+        weights' dtype (torch tensors on the weights' device); memory never grows."""
+        w = self.k_proj.weight
+        return based.SlidingWindowCache.zeros(batch, self.kv_heads, self.window, self.head_dim,
+                                              dtype=str(w.dtype).removeprefix("torch."), like=w, scale=self.scale)
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, cache: "based.SlidingWindowCache") -> torch.Tensor:
+        """``(B, T, dim)`` tokens continuing ``cache`` -> ``(B, T, dim)``; rotary positions start
+        at each sequence's ``cache.tokens``; cache updated in place."""
+        q, k, v = self.project(x, start=cache.tokens)
+        o, _ = based.sliding_window_prefill(q, k, v, cache=cache)
+        return self.output(o)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: "based.SlidingWindowCache") -> torch.Tensor:
+        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.sliding_window_decode``)."""
+        q, k, v = (t[:, 0] for t in self.project(x[:, None], start=cache.tokens))
+        return self.out_proj(based.sliding_window_decode(q, k, v, cache).flatten(-2))

@@ -12,11 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LinearAttention, SlidingWindowAttention
+from .cache import BasedCache
 from .config import BasedConfig
 from .layers import BaseConv, RMSNorm, SwiGLU
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
 def make_mixer(kind: str, config: BasedConfig) -> nn.Module:
@@ -51,6 +53,16 @@ class BasedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.mixer_norm(x)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+    def prefill(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Inference: ``(B, T, d_model)`` continuing the mixer's ``state`` (updated in place)."""
+        x = x + self.mixer.prefill(self.mixer_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def step(self, x: torch.Tensor, state) -> torch.Tensor:
+        """Inference: one token per sequence, ``(B, d_model) -> (B, d_model)``."""
+        x = x + self.mixer.step(self.mixer_norm(x), state)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class BasedLM(nn.Module):
@@ -96,6 +108,37 @@ class BasedLM(nn.Module):
             x = block(x)
         return self.lm_head(self.norm(x))
 
+    # -- inference: prefill a prompt, then decode token by token through the kernels ----
+
+    def new_cache(self, batch: int) -> "BasedCache":
+        """Empty recurrent state for ``batch`` sequences: one state per layer (a
+        ``based.LinearAttentionState``, a ``based.SlidingWindowCache`` or a ``BaseConvState``),
+        fixed in size whatever the sequence length."""
+        return BasedCache([block.mixer.new_state(batch) for block in self.blocks])
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, cache: "BasedCache | None" = None):
+        """Run int tokens ``(B, T)`` through the model, continuing ``cache`` (a new one if None).
+
+        Returns ``(logits, cache)``: logits ``(B, T, vocab_size)`` for every position; the
+        cache is updated in place. The attention layers run based's chunked prefill kernels.
+        """
+        if cache is None:
+            cache = self.new_cache(tokens.shape[0])
+        x = self.embed(tokens)
+        for block, state in zip(self.blocks, cache.states):
+            x = block.prefill(x, state)
+        return self.lm_head(self.norm(x)), cache
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: "BasedCache") -> torch.Tensor:
+        """Decode one token per sequence: int tokens ``(B,)`` -> logits ``(B, vocab_size)``;
+        the cache is updated in place (based's decode kernels: one pass over each state)."""
+        x = self.embed(tokens)
+        for block, state in zip(self.blocks, cache.states):
+            x = block.step(x, state)
+        return self.lm_head(self.norm(x))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -135,6 +178,21 @@ class BasedLM(nn.Module):
                                  f"{tuple(expected[name].shape)}")
         model.load_state_dict(weights)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def bundled_model_path(name: str = "shakespeare") -> str:
+    """Directory of a model shipped inside the package (``based/models/<name>``)."""
+    path = os.path.join(BUNDLED_DIR, name)
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        available = sorted(d for d in os.listdir(BUNDLED_DIR) if os.path.isdir(os.path.join(BUNDLED_DIR, d)))
+        raise ValueError(f"no bundled model {name!r}; available: {available}")
+    return path
+
+
+def load_bundled(name: str = "shakespeare", *, device="cpu", dtype: torch.dtype = torch.float32) -> BasedLM:
+    """The byte-level BASED model shipped with the package (trained on tinyshakespeare; see
+    based/models/README.md), in eval mode on ``device`` with weights cast to ``dtype``."""
+    return BasedLM.from_pretrained(bundled_model_path(name), device=device, dtype=dtype)
 
 
 def _as_byte_tensor(data) -> torch.Tensor:
