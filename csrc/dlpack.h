@@ -124,6 +124,31 @@ typedef struct DLManagedTensorVersioned {
     DLTensor dl_tensor;
 } DLManagedTensorVersioned;
 
+/*
+ * The C exchange API of DLPack 1.3: a framework publishes a static table of function
+ * pointers as a PyCapsule named "dlpack_exchange_api" in the type attribute
+ * `__dlpack_c_exchange_api__`. A consumer can then borrow a tensor without the Python-level
+ * `__dlpack__` call (no stream synchronisation is done: the consumer asks
+ * `current_work_stream` and runs there). Only the members based calls are typed in full;
+ * the others keep their place as opaque pointers. Check `header.version.major` (walking
+ * `prev_api` for an older table) before calling anything.
+ */
+typedef struct DLPackExchangeAPIHeader {
+    DLPackVersion version;
+    struct DLPackExchangeAPIHeader *prev_api;
+} DLPackExchangeAPIHeader;
+
+typedef struct DLPackExchangeAPI {
+    DLPackExchangeAPIHeader header;
+    void *managed_tensor_allocator;
+    /* py_object -> an owning versioned tensor; 0, or -1 with a Python exception set */
+    int (*managed_tensor_from_py_object_no_sync)(void *py_object, DLManagedTensorVersioned **out);
+    void *managed_tensor_to_py_object_no_sync;
+    void *dltensor_from_py_object_no_sync;
+    /* the producer's current stream for a device (NULL on the CPU); 0, or -1 with an exception */
+    int (*current_work_stream)(DLDeviceType device_type, int32_t device_id, void **out_stream);
+} DLPackExchangeAPI;
+
 #if !defined(__cplusplus) && defined(__x86_64__)
 _Static_assert(sizeof(DLDevice) == 8, "DLDevice is 8 bytes");
 _Static_assert(sizeof(DLDataType) == 4, "DLDataType is 4 bytes");
@@ -134,6 +159,9 @@ _Static_assert(sizeof(DLManagedTensor) == 64, "DLManagedTensor is 64 bytes");
 _Static_assert(sizeof(DLManagedTensorVersioned) == 80, "DLManagedTensorVersioned is 80 bytes");
 _Static_assert(offsetof(DLManagedTensorVersioned, flags) == 24, "flags at 24");
 _Static_assert(offsetof(DLManagedTensorVersioned, dl_tensor) == 32, "dl_tensor at 32");
+_Static_assert(sizeof(DLPackExchangeAPIHeader) == 16, "exchange API header is 16 bytes");
+_Static_assert(offsetof(DLPackExchangeAPI, managed_tensor_from_py_object_no_sync) == 24, "exchange API layout");
+_Static_assert(offsetof(DLPackExchangeAPI, current_work_stream) == 48, "exchange API layout");
 #endif
 
 #ifdef __cplusplus

@@ -384,3 +384,34 @@ def test_cupy_zero_copy_both_ways():
     assert c.data.ptr == buf.data_ptr
     info = _C.dlpack_info(c)
     assert info[0] == (5, 3) and info[2][0] == 2
+
+
+@requires_torch
+def test_torch_exchange_api_fast_path_is_zero_copy_and_counted():
+    """torch publishes the DLPack 1.3 C exchange table: based borrows through it (no Python
+    __dlpack__ call), still zero-copy, strided, and without leaking the managed tensors."""
+    if not hasattr(torch.Tensor, "__dlpack_c_exchange_api__"):
+        pytest.skip("this torch has no DLPack C exchange API")
+    called = []
+    orig = torch.Tensor.__dlpack__
+
+    def spy(self, *a, **kw):
+        called.append(1)
+        return orig(self, *a, **kw)
+
+    x = torch.randn(6, 4, dtype=torch.float64)[::2]            # strided view
+    out = torch.zeros(3, 15, dtype=torch.float64)
+    ptr = out.data_ptr()
+    torch.Tensor.__dlpack__ = spy
+    try:
+        based._C.taylor_feature_map(x, out, 0.5)
+    finally:
+        torch.Tensor.__dlpack__ = orig
+    assert not called and out.data_ptr() == ptr
+    np.testing.assert_allclose(out.numpy(), ref.taylor_feature_map(x.numpy(), 0.5), rtol=1e-12)
+    use_count = getattr(torch._C, "_storage_Use_Count", None)    # C++ references to the storage
+    if use_count is not None:
+        before = use_count(x.untyped_storage()._cdata)
+        for _ in range(1000):
+            based._C.taylor_feature_map(x, out, 0.5)
+        assert use_count(x.untyped_storage()._cdata) == before     # every managed tensor was deleted

@@ -10,7 +10,9 @@
  *   3. the capsule is renamed "used_..." (we own the managed tensor from then on)
  *      and its deleter is called exactly once, in based_py_release();
  *   4. a capsule we refuse is dropped unrenamed, so its producer frees it.
- * based.Buffer skips the capsule dance: we hold a reference to the Buffer instead.
+ * based.Buffer skips the capsule dance: we hold a reference to the Buffer instead. Types
+ * that publish the DLPack 1.3 C exchange table (torch) hand over an owning versioned
+ * tensor through it directly, for host memory, which saves ~4 us per tensor per call.
  */
 #include "pybased.h"
 
@@ -82,6 +84,29 @@ static PyObject *request_capsule(PyObject *module, PyObject *obj, const char *na
     return cap;
 }
 
+/* The DLPack C exchange table of obj's type, or NULL (cached per type; never fails). */
+static const DLPackExchangeAPI *exchange_api(based_module_state *st, PyTypeObject *type) {
+    for (int i = 0; i < 4; i++)
+        if (st->api_types[i] == type) return st->apis[i];
+    const DLPackExchangeAPI *api = NULL;
+    PyObject *cap = PyObject_GetAttr((PyObject *)type, st->str_exchange_api);
+    if (cap == NULL) {
+        PyErr_Clear();
+    } else {
+        if (PyCapsule_IsValid(cap, "dlpack_exchange_api")) {
+            const DLPackExchangeAPIHeader *h = PyCapsule_GetPointer(cap, "dlpack_exchange_api");
+            while (h != NULL && h->version.major > 1) h = h->prev_api;  /* an older table we can read */
+            if (h != NULL && h->version.major == 1) api = (const DLPackExchangeAPI *)h;
+        }
+        Py_DECREF(cap); /* the table itself is static in its library, alive for the process */
+    }
+    int slot = st->api_next;
+    st->api_next = (slot + 1) % 4;
+    Py_XSETREF(st->api_types[slot], (PyTypeObject *)Py_NewRef(type));
+    st->apis[slot] = api;
+    return api;
+}
+
 int based_py_import(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
                     based_py_tensor *out) {
     based_module_state *st = based_get_state(module);
@@ -93,6 +118,28 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
         out->readonly = ro;
         out->owner = Py_NewRef(obj);
         goto check_writable;
+    }
+
+    /* Fast path (DLPack 1.3 C exchange API, e.g. torch): no Python-level __dlpack__ call.
+     * Host memory only: CUDA producers go through __dlpack__ so the stream handshake
+     * happens. Any failure falls back to the protocol below, which gives the canonical
+     * error message. */
+    const DLPackExchangeAPI *api = exchange_api(st, Py_TYPE(obj));
+    if (api != NULL && api->managed_tensor_from_py_object_no_sync != NULL) {
+        DLManagedTensorVersioned *m = NULL;
+        if (api->managed_tensor_from_py_object_no_sync(obj, &m) == 0 && m != NULL) {
+            DLDeviceType dt = m->dl_tensor.device.device_type;
+            if (m->version.major == 1 && (dt == kDLCPU || dt == kDLCUDAHost)) {
+                out->managed = m;
+                out->versioned = 1;
+                out->tensor = &m->dl_tensor;
+                out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+                goto check_writable;
+            }
+            if (m->deleter) m->deleter(m);
+        } else {
+            PyErr_Clear();
+        }
     }
 
     PyObject *dl = PyObject_GetAttr(obj, st->str_dlpack);

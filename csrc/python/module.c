@@ -17,6 +17,7 @@ static int based_exec(PyObject *m) {
     if ((st->kw_stream_max_version = Py_BuildValue("(ss)", "stream", "max_version")) == NULL) return -1;
     if ((st->kw_stream = Py_BuildValue("(s)", "stream")) == NULL) return -1;
     if ((st->max_version = Py_BuildValue("(ii)", 1, 0)) == NULL) return -1;
+    if ((st->str_exchange_api = PyUnicode_InternFromString("__dlpack_c_exchange_api__")) == NULL) return -1;
     if (PyModule_AddFunctions(m, based_core_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, based_linear_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, based_window_methods) < 0) return -1;
@@ -27,6 +28,7 @@ static int based_exec(PyObject *m) {
 static int based_traverse(PyObject *m, visitproc visit, void *arg) {
     based_module_state *st = based_get_state(m);
     Py_VISIT(st->buffer_type);
+    for (int i = 0; i < 4; i++) Py_VISIT(st->api_types[i]);
     return 0;
 }
 
@@ -39,6 +41,11 @@ static int based_clear(PyObject *m) {
     Py_CLEAR(st->kw_stream_max_version);
     Py_CLEAR(st->kw_stream);
     Py_CLEAR(st->max_version);
+    Py_CLEAR(st->str_exchange_api);
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(st->api_types[i]);
+        st->apis[i] = NULL;
+    }
     return 0;
 }
 

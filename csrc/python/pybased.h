@@ -24,6 +24,11 @@ typedef struct {
     PyObject *kw_stream_max_version; /* ("stream", "max_version") */
     PyObject *kw_stream;         /* ("stream",) */
     PyObject *max_version;       /* (1, 0): the newest DLPack major we read */
+    PyObject *str_exchange_api;  /* "__dlpack_c_exchange_api__" */
+    /* types seen, with their DLPack C exchange table (NULL: the type has none) */
+    PyTypeObject *api_types[4];
+    const DLPackExchangeAPI *apis[4];
+    int api_next;                /* round-robin slot to fill next */
 } based_module_state;
 
 based_module_state *based_get_state(PyObject *module);
