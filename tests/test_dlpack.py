@@ -409,9 +409,8 @@ def test_torch_exchange_api_fast_path_is_zero_copy_and_counted():
         torch.Tensor.__dlpack__ = orig
     assert not called and out.data_ptr() == ptr
     np.testing.assert_allclose(out.numpy(), ref.taylor_feature_map(x.numpy(), 0.5), rtol=1e-12)
-    use_count = getattr(torch._C, "_storage_Use_Count", None)    # C++ references to the storage
-    if use_count is not None:
-        before = use_count(x.untyped_storage()._cdata)
+    if hasattr(x, "_use_count"):                                 # C++ references to x's TensorImpl
+        before = x._use_count()
         for _ in range(1000):
             based._C.taylor_feature_map(x, out, 0.5)
-        assert use_count(x.untyped_storage()._cdata) == before     # every managed tensor was deleted
+        assert x._use_count() == before                           # every managed tensor was deleted
