@@ -168,7 +168,7 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
 #define KB 256    /* key block of the online softmax, aligned to absolute positions; a multiple of LANES */
 #define SROW (KB + 2 * LANES) /* scores of one row of a tile: a block and a partial vector either side */
 #define ACC_LD BASED_WINDOW_MAX_HEAD_DIM /* decode: outputs of one row */
-#define QB_MAX 64 /* query positions per prefill work item */
+#define QB_MAX 256 /* query positions per prefill work item */
 #define DP_OF(d) (((d) + LANES - 1) / LANES * LANES) /* prefill: value and output rows, zero-padded */
 
 /* kinds of key and value rows the decode reads in place */
@@ -247,9 +247,9 @@ static inline float window_f16_to_f32(uint16_t h) {
 
 /* Per-thread scratch of the prefill (see window_prefill_item), in the compute type. */
 typedef struct {
-    int64_t kcp; /* columns of kt and rows of vv: the widest block of an item, plus partial vectors */
+    int64_t kcp; /* keys of kt and rows of vv: the widest block of an item, plus partial vectors */
     int64_t dp;  /* DP_OF(D) */
-    void *kt;    /* [D][kcp]   keys of the current block, transposed: column u - cbase */
+    void *kt;    /* [kcp/LANES][D][LANES] keys u = pos - cbase of the current block, transposed */
     void *vv;    /* [kcp][dp]  values of the current block, rows zero-padded */
     void *qs;    /* [rows][D]  queries of the item, times scale */
     void *acc;   /* [rows][dp] unnormalised outputs */
@@ -269,6 +269,7 @@ typedef struct {
 #endif
 
 #define REAL float
+#define IREAL int32_t
 #define NATIVE BASED_DTYPE_FLOAT32
 #define HALF_LOADS 1
 #define VEC_EXP 1
@@ -279,7 +280,7 @@ typedef struct {
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 #define VL 16
-#define NV4 4
+#define NV4 5
 #define NV1 8
 #define DV4 4
 #define DV1 8
@@ -323,6 +324,7 @@ typedef struct {
 #undef DV1
 #undef FN
 #undef REAL
+#undef IREAL
 #undef NATIVE
 #undef HALF_LOADS
 #undef VEC_EXP
@@ -331,6 +333,7 @@ typedef struct {
 #undef SCATTER
 
 #define REAL double
+#define IREAL int64_t
 #define NATIVE BASED_DTYPE_FLOAT64
 #define HALF_LOADS 0
 #define VEC_EXP 0
@@ -385,6 +388,7 @@ typedef struct {
 #undef DV1
 #undef FN
 #undef REAL
+#undef IREAL
 #undef NATIVE
 #undef HALF_LOADS
 #undef VEC_EXP

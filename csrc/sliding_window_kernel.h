@@ -7,7 +7,8 @@
  *               then reads float16/bfloat16 caches in place, converting as it loads)
  *   VL          REALs per vector register of the instruction set (GCC/Clang vector
  *               extension); a divisor of LANES
- *   NV4, NV1    key vectors of a score tile of 4 rows / of 1 row (accumulators in registers)
+ *   NV4, NV1    key vectors of a score tile of 4 rows / of 1 row (accumulators in registers;
+ *               NV4 <= 5, NV1 <= 8)
  *   DV4, DV1    output vectors of a value tile of 4 rows / of 1 row
  *   EXP         exp of (score - running max), scalar; VEC_EXP is 1 when REAL is float
  *               (the softmax step then runs in vectors, window_exp_f32 lane by lane)
@@ -23,8 +24,9 @@
  *
  * Prefill (window_prefill_item): one work item is (sequence b, kv head kh, a block of query
  * positions) with the G query heads of kh, rows ordered position-major. For each key block
- * of the item its keys are converted to REAL into scratch, transposed (kt: [D][kcp], keys in
- * vector lanes), and its values row-major (vv: [kcp][DP]); then tiles of 4 rows take
+ * of the item its keys are converted to REAL into scratch, transposed (kt: panels of LANES
+ * keys, [D][LANES] each, keys in vector lanes), and its values row-major (vv: [kcp][DP]);
+ * then tiles of 4 rows take
  * scores (4 x NV4 vectors of keys, register-blocked over the head dim), update each row's
  * softmax, and accumulate 4 x DV4 vectors of outputs per pass over the keys, each value row
  * loaded once for the 4 rows (keys outside a row's window are skipped, not weighted by 0).
@@ -79,35 +81,43 @@ BASED_WINDOW_INLINE VEC FN(vload)(const void *p, int64_t i, const int kind) {
  * Register tiles
  * --------------------------------------------------------------------------------- */
 
-/* Scores of R rows against NV vectors of keys: s[m * lds + o_n + x] = sum over i of
- * q[m * ldq + i] * k[i * ldk + o_n + x], from 0 in the order i = 0, 1, ..., d-1 (keys in
- * lanes, so no lane ever mixes with another), for vectors at o_n = n * VL, the last one
- * moved back by `back` < VL keys (it then overlaps the one before, whose shared lanes it
- * recomputes to the same values). */
+/* Scores of R rows against NV vectors of keys, vectors v0 .. v0+NV-1 of a run:
+ * s[m * lds + so_n + x] = sum over i of q[m * ldq + i] * k[i * ldk + ko_n + x], from 0 in
+ * the order i = 0, 1, ..., d-1 (keys in lanes, so no lane ever mixes with another).
+ * Rows of keys (panel == 0): vector n at ko_n = so_n = (v0 + n) VL, the last one moved
+ * back by `back` < VL keys (it then overlaps the one before, whose shared lanes it
+ * recomputes to the same values). Panels (panel > 0): keys in blocks of LANES, each a
+ * [D][LANES] panel `panel` elements long (ldk = LANES), so vector v lies at
+ * (v VL / LANES) panel + (v VL) % LANES. */
 #define WINDOW_QK(R, NV)                                                                                   \
     BASED_WINDOW_INLINE void FN(qk_##R##_##NV)(const REAL *restrict q, int64_t ldq, const void *restrict k, \
                                                int64_t ldk, int64_t d, REAL *restrict s, int64_t lds,      \
-                                               int64_t back, const int kind) {                             \
-        int64_t o[NV];                                                                                     \
-        for (int n = 0; n < (NV); n++) o[n] = n * VL - (n == (NV) - 1 ? back : 0);                         \
+                                               int64_t v0, int64_t back, int64_t panel, const int kind) {  \
+        int64_t ko[NV], so[NV];                                                                            \
+        for (int n = 0; n < (NV); n++) {                                                                   \
+            const int64_t v = (v0 + n) * VL;                                                               \
+            so[n] = v - (n == (NV) - 1 ? back : 0);                                                        \
+            ko[n] = panel ? v / LANES * panel + v % LANES : so[n];                                         \
+        }                                                                                                  \
         VEC acc[R][NV];                                                                                    \
         for (int m = 0; m < (R); m++)                                                                      \
             for (int n = 0; n < (NV); n++) acc[m][n] = (VEC){0};                                           \
         for (int64_t i = 0; i < d; i++) {                                                                  \
             VEC kv[NV];                                                                                    \
-            for (int n = 0; n < (NV); n++) kv[n] = FN(vload)(k, i * ldk + o[n], kind);                     \
+            for (int n = 0; n < (NV); n++) kv[n] = FN(vload)(k, i * ldk + ko[n], kind);                    \
             for (int m = 0; m < (R); m++) {                                                                \
                 const REAL x = q[m * ldq + i];                                                             \
                 for (int n = 0; n < (NV); n++) acc[m][n] = acc[m][n] + x * kv[n];                          \
             }                                                                                              \
         }                                                                                                  \
         for (int m = 0; m < (R); m++)                                                                      \
-            for (int n = 0; n < (NV); n++) *(VEC *)(s + m * lds + o[n]) = acc[m][n];                       \
+            for (int n = 0; n < (NV); n++) *(VEC *)(s + m * lds + so[n]) = acc[m][n];                      \
     }
 WINDOW_QK(4, 1)
 WINDOW_QK(4, 2)
 WINDOW_QK(4, 3)
 WINDOW_QK(4, 4)
+WINDOW_QK(4, 5)
 WINDOW_QK(1, 1)
 WINDOW_QK(1, 2)
 WINDOW_QK(1, 3)
@@ -118,28 +128,26 @@ WINDOW_QK(1, 7)
 WINDOW_QK(1, 8)
 #undef WINDOW_QK
 
-/* Scores of R (4 or 1) rows against the keys 0 .. n-1 of k (n >= VL): whole vectors, the
- * last one ending at key n-1 (overlapping the one before when VL does not divide n). */
+/* Scores of R (4 or 1) rows against the keys 0 .. n-1 of k (n >= VL; a multiple of LANES
+ * for panels): whole vectors, the last one ending at key n-1 (overlapping the one before
+ * when VL does not divide n). */
 BASED_WINDOW_INLINE void FN(qk_rows_body)(const int R, const REAL *q, int64_t ldq, const void *k, int64_t ldk,
-                                          int64_t d, REAL *s, int64_t lds, int64_t n, const int kind) {
-    const size_t kb = kind == KIND_NATIVE ? sizeof(REAL) : 2; /* bytes per key element */
+                                          int64_t d, REAL *s, int64_t lds, int64_t n, int64_t panel, const int kind) {
     const int64_t nv = (n + VL - 1) / VL, back = nv * VL - n;
     int64_t v = 0;
-#define QK_AT(R_, NV_, BACK_)                                                                            \
-    FN(qk_##R_##_##NV_)(q, ldq, (const char *)k + v * VL * kb, ldk, d, s + v * VL, lds, BACK_, kind)
+#define QK_AT(R_, NV_, BACK_) FN(qk_##R_##_##NV_)(q, ldq, k, ldk, d, s, lds, v, BACK_, panel, kind)
     if (R == 4) {
-        for (; v + NV4 < nv; v += NV4) FN(CAT(qk_4_, NV4))(q, ldq, (const char *)k + v * VL * kb, ldk, d,
-                                                            s + v * VL, lds, 0, kind);
+        for (; v + NV4 < nv; v += NV4) FN(CAT(qk_4_, NV4))(q, ldq, k, ldk, d, s, lds, v, 0, panel, kind);
         switch (nv - v) {
         case 1: QK_AT(4, 1, back); break;
         case 2: QK_AT(4, 2, back); break;
         case 3: QK_AT(4, 3, back); break;
         case 4: QK_AT(4, 4, back); break;
+        case 5: QK_AT(4, 5, back); break;
         default: break;
         }
     } else {
-        for (; v + NV1 < nv; v += NV1) FN(CAT(qk_1_, NV1))(q, ldq, (const char *)k + v * VL * kb, ldk, d,
-                                                            s + v * VL, lds, 0, kind);
+        for (; v + NV1 < nv; v += NV1) FN(CAT(qk_1_, NV1))(q, ldq, k, ldk, d, s, lds, v, 0, panel, kind);
         switch (nv - v) {
         case 1: QK_AT(1, 1, back); break;
         case 2: QK_AT(1, 2, back); break;
@@ -157,19 +165,19 @@ BASED_WINDOW_INLINE void FN(qk_rows_body)(const int R, const REAL *q, int64_t ld
 
 /* The same, compiled once per kind of key rows (each body holds every tile shape). */
 static void FN(qk_rows)(int R, const REAL *q, int64_t ldq, const void *k, int64_t ldk, int64_t d, REAL *s,
-                        int64_t lds, int64_t n, int kind) {
+                        int64_t lds, int64_t n, int64_t panel, int kind) {
 #if HALF_LOADS
     if (kind == KIND_BF16) {
-        FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, KIND_BF16);
+        FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, panel, KIND_BF16);
         return;
     }
     if (kind == KIND_F16) {
-        FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, KIND_F16);
+        FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, panel, KIND_F16);
         return;
     }
 #endif
     (void)kind;
-    FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, KIND_NATIVE);
+    FN(qk_rows_body)(R, q, ldq, k, ldk, d, s, lds, n, panel, KIND_NATIVE);
 }
 
 /* Scores of R rows against n keys one at a time (columns col .. col+n-1 of k): the same sums. */
@@ -314,13 +322,16 @@ static void FN(pv_scalar)(int R, REAL *acc, int64_t lda, const REAL *e, int64_t 
  * One row's softmax step over one key block
  * --------------------------------------------------------------------------------- */
 
-/* s[0 .. nx) holds the scores of one row for keys base + x (base and nx multiples of
- * LANES), of which x in [va, vb) are the row's keys of this block. Updates the running max
- * *m and sum *l, leaves s[x] = EXP(s[x] - max) for x in [va, vb) and 0 elsewhere, and
- * returns the factor the row's outputs must be multiplied by first (1 when the max did
- * not change: exact). The weights are summed in LANES lanes, lane x % LANES in increasing
- * x, then the lanes in order: the same for every path, as x % LANES is position % LANES.
- * The max ignores NaN scores (they turn into NaN weights); its order does not matter. */
+/* Softmax step of R (4 or 1) rows over one key block. Row m's scores are in
+ * s[m * SROW + 0 .. nx), for keys base + x (base and nx multiples of LANES), of which x in
+ * [va[m], vb[m]) are the row's keys of this block (possibly none). Updates the row's
+ * running max m[m] and sum l[m], leaves s[m * SROW + x] = EXP(score - max) for its keys and
+ * 0 elsewhere, and sets corr[m], the factor its outputs must be multiplied by first (1
+ * when the max did not change: exact). The weights are summed in LANES lanes, lane
+ * x % LANES in increasing x, then the lanes in order: the same for every path, as
+ * x % LANES is position % LANES. The max ignores NaN scores (they give NaN weights); its
+ * order does not matter. The rows are independent: done side by side so that their
+ * reductions overlap. */
 #if VEC_EXP
 typedef int32_t FN(ivec) __attribute__((vector_size(VL * 4)));
 
@@ -349,65 +360,87 @@ BASED_WINDOW_INLINE VEC FN(vexp)(VEC x) {
     return FN(vselect)(in_range, e, FN(vselect)(x == x, (VEC){0}, x));
 }
 
-BASED_WINDOW_INLINE REAL FN(row_softmax)(REAL *restrict s, int64_t va, int64_t vb, int64_t nx, REAL *m, REAL *l) {
+BASED_WINDOW_INLINE void FN(tile_softmax)(const int R, REAL *restrict s, const int64_t *va, const int64_t *vb,
+                                          int64_t nx, REAL *m, REAL *l, REAL *corr) {
     FN(ivec) iota;
     for (int t = 0; t < VL; t++) iota[t] = t;
     const VEC neg_inf = (VEC){0} - INFINITY;
-    VEC mv = neg_inf;
-    for (int64_t x0 = va / VL * VL; x0 < vb; x0 += VL) {
-        const FN(ivec) x = iota + (int32_t)x0;
-        const VEC sv = FN(vselect)((x >= (int32_t)va) & (x < (int32_t)vb), *(const VEC *)(s + x0), neg_inf);
-        mv = FN(vselect)(sv > mv, sv, mv);
+    int64_t a0 = va[0], b1 = vb[0];
+    for (int r = 1; r < R; r++) {
+        a0 = va[r] < a0 ? va[r] : a0;
+        b1 = vb[r] > b1 ? vb[r] : b1;
     }
-    REAL bm = -INFINITY;
-    for (int t = 0; t < VL; t++) bm = mv[t] > bm ? mv[t] : bm;
-    const REAL m_old = *m, m_new = bm > m_old ? bm : m_old;
-    REAL corr = 1;
-    if (m_new != m_old) corr = EXP(m_old - m_new);
-    VEC lane[LANES / VL];
-    for (int u = 0; u < LANES / VL; u++) lane[u] = (VEC){0};
+    VEC mv[4];
+    for (int r = 0; r < R; r++) mv[r] = neg_inf;
+    for (int64_t x0 = a0 / VL * VL; x0 < b1; x0 += VL) {
+        const FN(ivec) x = iota + (int32_t)x0;
+        for (int r = 0; r < R; r++) {
+            const FN(ivec) in = (x >= (int32_t)va[r]) & (x < (int32_t)vb[r]);
+            const VEC sv = FN(vselect)(in, *(const VEC *)(s + r * SROW + x0), neg_inf);
+            mv[r] = FN(vselect)(sv > mv[r], sv, mv[r]);
+        }
+    }
+    REAL m_new[4];
+    for (int r = 0; r < R; r++) m_new[r] = m[r];
+    for (int t = 0; t < VL; t++)
+        for (int r = 0; r < R; r++) m_new[r] = mv[r][t] > m_new[r] ? mv[r][t] : m_new[r];
+    for (int r = 0; r < R; r++) corr[r] = m_new[r] != m[r] ? EXP(m[r] - m_new[r]) : 1;
+    VEC lane[4][LANES / VL];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < LANES / VL; u++) lane[r][u] = (VEC){0};
     for (int64_t x0 = 0; x0 < nx; x0 += LANES)
         for (int u = 0; u < LANES / VL; u++) {
             const FN(ivec) x = iota + (int32_t)(x0 + u * VL);
-            const FN(ivec) in = (x >= (int32_t)va) & (x < (int32_t)vb);
-            /* EXP(-inf) == 0: lanes outside [va, vb) get weight 0 */
-            const VEC e = FN(vexp)(FN(vselect)(in, *(const VEC *)(s + x0 + u * VL) - m_new, neg_inf));
-            *(VEC *)(s + x0 + u * VL) = e;
-            lane[u] = lane[u] + e;
+            for (int r = 0; r < R; r++) {
+                REAL *sp = s + r * SROW + x0 + u * VL;
+                const FN(ivec) in = (x >= (int32_t)va[r]) & (x < (int32_t)vb[r]);
+                /* EXP(-inf) == 0: lanes outside [va, vb) get weight 0 */
+                const VEC e = FN(vexp)(FN(vselect)(in, *(const VEC *)sp - m_new[r], neg_inf));
+                *(VEC *)sp = e;
+                lane[r][u] = lane[r][u] + e;
+            }
         }
-    REAL sum = *l * corr;
-    for (int t = 0; t < LANES; t++) sum += lane[t / VL][t % VL];
-    *m = m_new;
-    *l = sum;
-    return corr;
+    REAL sum[4];
+    for (int r = 0; r < R; r++) sum[r] = l[r] * corr[r];
+    for (int t = 0; t < LANES; t++)
+        for (int r = 0; r < R; r++) sum[r] += lane[r][t / VL][t % VL];
+    for (int r = 0; r < R; r++) {
+        m[r] = m_new[r];
+        l[r] = sum[r];
+    }
 }
 #else
-BASED_WINDOW_INLINE REAL FN(row_softmax)(REAL *restrict s, int64_t va, int64_t vb, int64_t nx, REAL *m, REAL *l) {
-    REAL bm = -INFINITY;
-    for (int64_t x = va; x < vb; x++) bm = s[x] > bm ? s[x] : bm;
-    const REAL m_old = *m, m_new = bm > m_old ? bm : m_old;
-    REAL corr = 1;
-    if (m_new != m_old) corr = EXP(m_old - m_new);
-    REAL lane[LANES] = {0};
-    for (int64_t x0 = 0; x0 < nx; x0 += LANES)
-        for (int t = 0; t < LANES; t++) {
-            const int64_t x = x0 + t;
-            const REAL e = x >= va && x < vb ? EXP(s[x] - m_new) : 0;
-            s[x] = e;
-            lane[t] += e;
-        }
-    REAL sum = *l * corr;
-    for (int t = 0; t < LANES; t++) sum += lane[t];
-    *m = m_new;
-    *l = sum;
-    return corr;
+BASED_WINDOW_INLINE void FN(tile_softmax)(const int R, REAL *restrict s, const int64_t *va, const int64_t *vb,
+                                          int64_t nx, REAL *m, REAL *l, REAL *corr) {
+    for (int r = 0; r < R; r++) {
+        REAL *sr = s + r * SROW, bm = -INFINITY;
+        for (int64_t x = va[r]; x < vb[r]; x++) bm = sr[x] > bm ? sr[x] : bm;
+        const REAL m_new = bm > m[r] ? bm : m[r];
+        corr[r] = m_new != m[r] ? EXP(m[r] - m_new) : 1;
+        REAL lane[LANES] = {0};
+        for (int64_t x0 = 0; x0 < nx; x0 += LANES)
+            for (int t = 0; t < LANES; t++) {
+                const int64_t x = x0 + t;
+                const REAL e = x >= va[r] && x < vb[r] ? EXP(sr[x] - m_new) : 0;
+                sr[x] = e;
+                lane[t] += e;
+            }
+        REAL sum = l[r] * corr[r];
+        for (int t = 0; t < LANES; t++) sum += lane[t];
+        m[r] = m_new;
+        l[r] = sum;
+    }
 }
 #endif
 
 /* n elements of a row of dtype dt (`stride` apart) to dst, `dst_stride` apart, as REAL. */
 BASED_WINDOW_INLINE void FN(load_row)(REAL *dst, int64_t dst_stride, const char *src, based_dtype dt, int64_t n,
                                       int64_t stride) {
-    if (dt == NATIVE) {
+    if (dt == NATIVE && stride == 1 && dst_stride == 1) { /* a short row: inline vector copies, no call */
+        const REAL *restrict x = (const REAL *)src;
+        REAL *restrict y = dst;
+        for (int64_t i = 0; i < n; i++) y[i] = x[i];
+    } else if (dt == NATIVE) {
         const REAL *x = (const REAL *)src;
         for (int64_t i = 0; i < n; i++) dst[i * dst_stride] = x[i * stride];
     } else if (dt == BASED_DTYPE_BFLOAT16) {
@@ -431,8 +464,15 @@ BASED_WINDOW_INLINE void FN(load_query)(const based_window_call *c, REAL *dst, i
 
 /* Output row: acc / l into out[b, t, h] in out's dtype. */
 BASED_WINDOW_INLINE void FN(store_row)(const based_window_call *c, REAL *acc, REAL l, int64_t b, int64_t t, int64_t h) {
-    for (int64_t x = 0; x < c->head_dim; x++) acc[x] /= l;
-    SCATTER(based_window_row(&c->out, b, t, h), c->out.dtype, c->head_dim, c->out.strides[3], acc);
+    char *o = based_window_row(&c->out, b, t, h);
+    if (c->out.dtype == NATIVE && c->out.strides[3] == 1) {
+        REAL *restrict y = (REAL *)o;
+        const REAL *restrict x = acc;
+        for (int64_t i = 0; i < c->head_dim; i++) y[i] = x[i] / l;
+        return;
+    }
+    for (int64_t i = 0; i < c->head_dim; i++) acc[i] /= l;
+    SCATTER(o, c->out.dtype, c->head_dim, c->out.strides[3], acc);
 }
 
 
@@ -449,11 +489,11 @@ static void FN(decode_scores)(int R, const REAL *q, int64_t ldq, const void *k, 
                               int64_t s0, int64_t n, REAL *out, int kind) {
     const size_t kb = kind == KIND_NATIVE ? sizeof(REAL) : 2;
     if (n >= VL) {
-        FN(qk_rows)(R, q, ldq, (const char *)k + s0 * kb, ldk, d, out, SROW, n, kind);
+        FN(qk_rows)(R, q, ldq, (const char *)k + s0 * kb, ldk, d, out, SROW, n, 0, kind);
     } else if (w >= VL) {
         const int64_t x0 = s0 + VL <= w ? s0 : w - VL;
         REAL tmp[4 * VL];
-        FN(qk_rows)(R, q, ldq, (const char *)k + x0 * kb, ldk, d, tmp, VL, VL, kind);
+        FN(qk_rows)(R, q, ldq, (const char *)k + x0 * kb, ldk, d, tmp, VL, VL, 0, kind);
         for (int m = 0; m < R; m++)
             for (int64_t j = 0; j < n; j++) out[m * SROW + j] = tmp[m * VL + (s0 - x0) + j];
     } else {
@@ -545,11 +585,14 @@ static void FN(window_decode_item)(const based_window_call *c, int64_t b, int64_
                     for (int64_t i = 0; i < d; i++) ((uint64_t *)kc)[i * ldk + slot] = ((const uint64_t *)kn)[i * ks];
                 key_stored = 1;
             }
-            for (int m = 0; m < R; m++) {
-                corr[m] = FN(row_softmax)(s + m * SROW, x1, x2, nx, mx + m, l + m);
+            const int64_t va[4] = {x1, x1, x1, x1}, vb[4] = {x2, x2, x2, x2};
+            if (R == 4) /* R a constant in each call, so that the loops unroll */
+                FN(tile_softmax)(4, s, va, vb, nx, mx, l, corr);
+            else
+                FN(tile_softmax)(1, s, va, vb, nx, mx, l, corr);
+            for (int m = 0; m < R; m++)
                 if (corr[m] != 1)
                     for (int64_t x = 0; x < d; x++) acc[m * ACC_LD + x] *= corr[m];
-            }
             FN(decode_values)(R, acc, s + x1, vc + s1 * ldv * isz, ldv, n1, d, kind);
             if (n2 > 0) FN(decode_values)(R, acc, s + x1 + n1, vc, ldv, n2, d, kind);
         }
@@ -565,34 +608,62 @@ static void FN(window_decode_item)(const based_window_call *c, int64_t b, int64_
  * --------------------------------------------------------------------------------- */
 
 
-/* dst[i * ld + r] = src[r * ld_src + i] for r, i < LANES: a fixed-size block transpose,
- * which the compiler turns into vector shuffles. */
+/* dst[i * ld + r] = src[r * ld_src + i] for r, i < VL: a block transpose in registers,
+ * log2(VL) rounds that swap the off-diagonal h x h blocks of each 2h x 2h block with
+ * two-vector shuffles (GCC's __builtin_shuffle; element by element elsewhere). */
 BASED_WINDOW_INLINE void FN(transpose_block)(REAL *restrict dst, int64_t ld, const REAL *restrict src,
                                              int64_t ld_src) {
-    REAL t[LANES][LANES];
-    for (int r = 0; r < LANES; r++)
-        for (int i = 0; i < LANES; i++) t[r][i] = src[r * ld_src + i];
-    for (int i = 0; i < LANES; i++)
-        for (int r = 0; r < LANES; r++) dst[i * ld + r] = t[r][i];
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef IREAL FN(mask) __attribute__((vector_size(VL * sizeof(REAL))));
+    VEC r[VL];
+    for (int i = 0; i < VL; i++) r[i] = *(const VEC *)(src + i * ld_src);
+#pragma GCC unroll 8
+    for (int h = VL / 2; h >= 1; h /= 2) { /* unrolled, so that the masks are constants */
+        FN(mask) lo, hi;
+#pragma GCC unroll 16
+        for (int j = 0; j < VL; j++) {
+            lo[j] = (j & h) ? VL + j - h : j;
+            hi[j] = (j & h) ? VL + j : j + h;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < VL; i++)
+            if (!(i & h)) {
+                const VEC a = r[i], b = r[i + h];
+                r[i] = __builtin_shuffle(a, b, lo);
+                r[i + h] = __builtin_shuffle(a, b, hi);
+            }
+    }
+    for (int i = 0; i < VL; i++) *(VEC *)(dst + i * ld) = r[i];
+#else
+    for (int r = 0; r < VL; r++)
+        for (int i = 0; i < VL; i++) dst[i * ld + r] = src[r * ld_src + i];
+#endif
 }
 
-/* Keys and values of absolute positions from .. to-1 (sequence b, kv head kh) into
- * column / row (pos - cbase) of kt / vv, one row at a time: from the ring cache for
- * positions before the call (pos < t0), else from the call's inputs. Key rows go through
- * `tile` and are transposed LANES at a time, so each store into kt fills LANES columns. */
+/* Key u of the block (u = pos - cbase) and dim i in kt: panels of LANES keys, [D][LANES] each. */
+#define KT_AT(kt, u, i, d) ((kt) + (u) / LANES * LANES * (d) + (i) * LANES + (u) % LANES)
+
+/* Keys and values of absolute positions from .. to-1 (sequence b, kv head kh) into key
+ * u = pos - cbase of kt and row u of vv: from the ring cache for
+ * positions before the call (pos < t0), else from the call's inputs. Keys are transposed VL
+ * rows at a time, straight from the input rows when they are REAL with unit stride, else
+ * through `tile`; each VL x VL block lands in one panel, VL * LANES contiguous elements. */
 static void FN(load_rows)(const based_window_call *c, const window_scratch *sc, int64_t b, int64_t kh, int64_t t0,
                           int64_t from, int64_t to, int64_t cbase) {
-    const int64_t d = c->head_dim, dp = sc->dp, kcp = sc->kcp;
-    REAL *tile = (REAL *)sc->tile, *kt0 = (REAL *)sc->kt, *vv = (REAL *)sc->vv;
-    for (int64_t p0 = from; p0 < to; p0 += LANES) {
-        const int64_t rows = to - p0 < LANES ? to - p0 : LANES, j = p0 - cbase;
+    const int64_t d = c->head_dim, dp = sc->dp;
+    REAL *tile = (REAL *)sc->tile, *kt = (REAL *)sc->kt, *vv = (REAL *)sc->vv;
+    const int direct = c->k.dtype == NATIVE && c->k.strides[3] == 1;
+    for (int64_t p0 = from, rows; p0 < to; p0 += rows) {
+        const int64_t u0 = p0 - cbase, fit = VL - u0 % VL; /* groups end on multiples of VL */
+        rows = to - p0 < fit ? to - p0 : fit;
         /* rows of one head are H * D elements apart (a page or more): the hardware
-         * prefetchers do not follow, so ask for the next tile's input rows now */
-        for (int64_t pos = p0 + LANES; pos < to && pos < p0 + 2 * LANES; pos++) {
+         * prefetchers do not follow, so ask for the next rows now */
+        for (int64_t pos = p0 + VL; pos < to && pos < p0 + 2 * VL; pos++) {
             if (pos < t0) continue;
             BASED_WINDOW_PREFETCH(based_window_row(&c->k, b, pos - t0, kh), d * c->k.itemsize);
             BASED_WINDOW_PREFETCH(based_window_row(&c->v, b, pos - t0, kh), d * c->v.itemsize);
         }
+        const int from_input = p0 >= t0 && direct;
         for (int64_t r = 0; r < rows; r++) {
             const int64_t pos = p0 + r;
             const char *kp, *vp;
@@ -608,33 +679,37 @@ static void FN(load_rows)(const based_window_call *c, const window_scratch *sc, 
                 ks = c->k.strides[3];
                 vs = c->v.strides[3];
             }
-            FN(load_row)(tile + r * d, 1, kp, c->k.dtype, d, ks);
-            FN(load_row)(vv + (j + r) * dp, 1, vp, c->v.dtype, d, vs);
+            if (!from_input || rows < VL) FN(load_row)(tile + r * d, 1, kp, c->k.dtype, d, ks); /* else read below */
+            FN(load_row)(vv + (u0 + r) * dp, 1, vp, c->v.dtype, d, vs);
         }
-        REAL *kt = kt0 + j;
+        const int straight = from_input && rows == VL;
+        const REAL *src = straight ? (const REAL *)based_window_row(&c->k, b, p0 - t0, kh) : tile;
+        const int64_t ld_src = straight ? c->k.strides[1] : d;
         int64_t i = 0;
-        if (rows == LANES)
-            for (; i + LANES <= d; i += LANES) FN(transpose_block)(kt + i * kcp, kcp, tile + i, d);
+        if (rows == VL)
+            for (; i + VL <= d; i += VL) FN(transpose_block)(KT_AT(kt, u0, i, d), LANES, src + i, ld_src);
         for (; i < d; i++)
-            for (int64_t r = 0; r < rows; r++) kt[i * kcp + r] = tile[r * d + i];
+            for (int64_t r = 0; r < rows; r++) *KT_AT(kt, u0 + r, i, d) = src[r * ld_src + i];
     }
 }
 
 /* The same for positions from .. to-1, all before the call (in the ring cache), when the
- * key cache is slot-contiguous: key columns are copied as they lie, no transpose. */
+ * key cache is slot-contiguous: key rows are copied as they lie, no transpose. */
 static void FN(load_cached)(const based_window_call *c, const window_scratch *sc, int64_t b, int64_t kh,
                             int64_t from, int64_t to, int64_t cbase) {
     const int64_t d = c->head_dim, dp = sc->dp, w = c->window;
     REAL *kt = (REAL *)sc->kt, *vv = (REAL *)sc->vv;
     for (int64_t pos = from; pos < to;) {
-        const int64_t slot = pos % w, seg = to - pos < w - slot ? to - pos : w - slot; /* up to the ring's end */
-        const int64_t j = pos - cbase;
+        /* up to the ring's end and to the end of the panel */
+        const int64_t slot = pos % w, u = pos - cbase, lane = u % LANES;
+        int64_t seg = to - pos < w - slot ? to - pos : w - slot;
+        seg = seg < LANES - lane ? seg : LANES - lane;
         const char *k0 = based_window_row(&c->k_cache, b, kh, slot);
         for (int64_t i = 0; i < d; i++)
-            FN(load_row)(kt + i * sc->kcp + j, 1, k0 + i * c->k_cache.strides[3] * c->k_cache.itemsize,
-                         c->k_cache.dtype, seg, 1);
+            FN(load_row)(KT_AT(kt, u, i, d), 1, k0 + i * c->k_cache.strides[3] * c->k_cache.itemsize, c->k_cache.dtype,
+                         seg, 1);
         for (int64_t r = 0; r < seg; r++)
-            FN(load_row)(vv + (j + r) * dp, 1, based_window_row(&c->v_cache, b, kh, slot + r), c->v_cache.dtype, d,
+            FN(load_row)(vv + (u + r) * dp, 1, based_window_row(&c->v_cache, b, kh, slot + r), c->v_cache.dtype, d,
                          c->v_cache.strides[3]);
         pos += seg;
     }
@@ -644,23 +719,29 @@ static void FN(load_cached)(const based_window_call *c, const window_scratch *sc
  * scratch (kt column / vv row u - cbase): scores, softmax step, outputs. */
 BASED_WINDOW_INLINE void FN(prefill_tile)(const based_window_call *c, const window_scratch *sc, const int R,
                                           int64_t r0, int64_t p_first, int64_t ja, int64_t jb, int64_t cbase) {
-    const int64_t d = c->head_dim, dp = sc->dp, kcp = sc->kcp, w = c->window, g_count = c->heads / c->kv_heads;
+    const int64_t d = c->head_dim, dp = sc->dp, w = c->window, g_count = c->heads / c->kv_heads;
     REAL *qs = (REAL *)sc->qs + r0 * d, *acc = (REAL *)sc->acc + r0 * dp;
     REAL *mx = (REAL *)sc->m + r0, *l = (REAL *)sc->l + r0, *s = (REAL *)sc->s;
     const REAL *kt = (const REAL *)sc->kt, *vv = (const REAL *)sc->vv;
     const int64_t base = ja / LANES * LANES, nx = (jb + LANES - 1) / LANES * LANES - base;
-    FN(qk_rows)(R, qs, d, kt + (base - cbase), kcp, d, s, SROW, nx, KIND_NATIVE);
-    int64_t lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0}; /* each row's keys, relative to ja */
+    FN(qk_rows)(R, qs, d, kt + (base - cbase) * d, LANES, d, s, SROW, nx, LANES * d, KIND_NATIVE);
+    int64_t lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0}; /* each row's keys, relative to ja (maybe none) */
+    int64_t va[4], vb[4];
     for (int m = 0; m < R; m++) {
         const int64_t p = p_first + (r0 + m) / g_count, first = p >= w - 1 ? p - w + 1 : 0;
         const int64_t a = first > ja ? first : ja, e = p + 1 < jb ? p + 1 : jb;
-        if (a >= e) continue; /* no key of this block in the row's window */
-        lo[m] = a - ja;
-        hi[m] = e - ja;
-        const REAL corr = FN(row_softmax)(s + m * SROW, a - base, e - base, nx, mx + m, l + m);
-        if (corr != 1)
-            for (int64_t x = 0; x < dp; x++) acc[m * dp + x] *= corr;
+        va[m] = a - base;
+        vb[m] = e > a ? e - base : a - base;
+        if (a < e) {
+            lo[m] = a - ja;
+            hi[m] = e - ja;
+        }
     }
+    REAL corr[4];
+    FN(tile_softmax)(R, s, va, vb, nx, mx, l, corr);
+    for (int m = 0; m < R; m++)
+        if (corr[m] != 1)
+            for (int64_t x = 0; x < dp; x++) acc[m * dp + x] *= corr[m];
     const int64_t nvd = dp / VL;
     const REAL *e0 = s + (ja - base), *v0 = vv + (ja - cbase) * dp;
     if (R == 1) {
@@ -707,7 +788,7 @@ static void FN(window_prefill_item)(const based_window_call *c, const window_scr
     for (int64_t blk = u_lo / KB * KB; blk < u_hi; blk += KB) {
         const int64_t ba = blk > u_lo ? blk : u_lo, be = blk + KB < u_hi ? blk + KB : u_hi;
         const int64_t cbase = ba / LANES * LANES;
-        int64_t from = ba;
+        int64_t from = cbase; /* from the panel's start: keys before ba are loaded, never weighted */
         if (c->k_cache.strides[2] == 1 && from < t0) {
             const int64_t cached_end = be < t0 ? be : t0;
             FN(load_cached)(c, sc, b, kh, from, cached_end, cbase);
@@ -719,7 +800,12 @@ static void FN(window_prefill_item)(const based_window_call *c, const window_scr
             const int64_t pa = p_first + r0 / g_count, pz = p_first + (r0 + R - 1) / g_count;
             const int64_t lo_a = pa >= w - 1 ? pa - w + 1 : 0;
             const int64_t ja = ba > lo_a ? ba : lo_a, jb = be < pz + 1 ? be : pz + 1;
-            if (ja < jb) FN(prefill_tile)(c, sc, R, r0, p_first, ja, jb, cbase);
+            if (ja < jb) { /* R a constant in each call, so that the tile's loops unroll */
+                if (R == 4)
+                    FN(prefill_tile)(c, sc, 4, r0, p_first, ja, jb, cbase);
+                else
+                    FN(prefill_tile)(c, sc, 1, r0, p_first, ja, jb, cbase);
+            }
             r0 += R;
         }
     }
