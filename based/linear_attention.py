@@ -104,8 +104,6 @@ class LinearAttentionState(RecurrentState):
         scale = _arrays.default_scale(int(feature_dim)) if scale is None else _check_scale(scale)
         if device is None:
             device = _arrays.info(like, "like").device if like is not None else "cpu"
-        if isinstance(like, np.ndarray) and dtype == "bfloat16":
-            like = None
         b, h, f, dv = int(batch), int(heads), int(_C.feature_dim(int(feature_dim))), int(value_dim)
         tensors = {
             "kv": _arrays.zeros(like, (b, h, f, dv), dtype, device),

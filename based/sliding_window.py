@@ -131,11 +131,11 @@ class SlidingWindowCache(RecurrentState):
             device: 'cpu', 'cuda', 'cuda:N'; default like's device, else 'cpu'.
             scale: softmax scale > 0; default 1/sqrt(head_dim).
             like: an array whose type the tensors take (torch in -> torch tensors, numpy
-                in -> numpy arrays); without it they are ``based.Buffer`` objects.
+                in -> numpy arrays); without it they are ``based.Buffer`` objects, and so
+                are bfloat16 tensors made like a numpy array (numpy has no bfloat16).
 
         Raises:
-            TypeError: a non-integer size, an unknown dtype, no dtype and no like, or
-                bfloat16 with a numpy like (numpy has no bfloat16).
+            TypeError: a non-integer size, an unknown dtype, or no dtype and no like.
             ValueError: a size or scale out of range, a bad device.
         """
         batch = _int_arg(batch, "batch", 0)
@@ -147,9 +147,6 @@ class SlidingWindowCache(RecurrentState):
                 raise TypeError("SlidingWindowCache.zeros needs a dtype (or like=, whose dtype it then takes)")
             dtype = _dtype_name(like)
         dtype = _dtype_arg(dtype)
-        if dtype == "bfloat16" and isinstance(like, np.ndarray):
-            raise TypeError("SlidingWindowCache.zeros: numpy has no bfloat16; pass like= a torch tensor, or "
-                            "like=None for based.Buffer tensors")
         scale = _scale_arg(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
         tensors = {

@@ -77,10 +77,9 @@ def test_zeros_like_torch():
         ((-1, HKV, W, D), {"dtype": "float32"}, ValueError, "batch must be >= 0, got -1"),
         ((B, HKV, W, D), {"dtype": "float32", "scale": 0.0}, ValueError, "scale must be a finite number > 0"),
         ((B, HKV, W, D), {"dtype": "float32", "device": "tpu"}, ValueError, "device must be"),
-        ((B, HKV, W, D), {"dtype": "bfloat16", "like": np.empty(0)}, TypeError, "numpy has no bfloat16"),
     ],
     ids=["no-dtype", "int-dtype", "kv-heads-0", "window-0", "window-float", "head-dim-257", "batch-negative",
-         "scale-zero", "device", "numpy-bfloat16"],
+         "scale-zero", "device"],
 )
 def test_zeros_rejects(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
@@ -200,6 +199,14 @@ def test_save_load_round_trip(tmp_path, dtype):
         np.testing.assert_array_equal(o1, o2)
     loaded_buffers = based.SlidingWindowCache.load(path)
     assert isinstance(loaded_buffers.k, based.Buffer)
+
+
+def test_bfloat16_cache_like_numpy_is_buffers():
+    """numpy has no bfloat16: the ring buffers become based.Buffer objects (torch.from_dlpack
+    views them), as for LinearAttentionState."""
+    c = based.SlidingWindowCache.zeros(2, 1, 4, 8, dtype="bfloat16", like=np.zeros(1, np.float32))
+    assert isinstance(c.k, based.Buffer) and isinstance(c.v, based.Buffer) and c.k.dtype == "bfloat16"
+    assert c.batch == 2 and c.nbytes == 2 * (2 * 1 * 4 * 8 * 2) + 2 * 8
 
 
 @requires_torch
