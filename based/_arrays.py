@@ -50,7 +50,7 @@ def info(x: Any, name: str) -> ArrayInfo:
         elif dev.type == "cpu":
             device = (DLPACK_CPU, 0)
         else:
-            device = (-1, 0)
+            raise ValueError(f"{name} is on device {dev.type!r}; based takes cpu and cuda tensors")
         return ArrayInfo(tuple(x.shape), torch_dtype_name(x.dtype), device)
     if isinstance(x, np.ndarray):
         return ArrayInfo(x.shape, x.dtype.name, (DLPACK_CPU, 0))

@@ -236,6 +236,21 @@ def _require_state(state) -> None:
         raise TypeError(f"state must be a based.LinearAttentionState, got {type(state).__name__}")
 
 
+def _check_state_fits(state: LinearAttentionState, q, v, ndim: int) -> None:
+    """Name a state/input mismatch in the user's terms (Dk, heads, Dv, batch) before the C
+    core reports it as a shape of F rows. q, v: (B, [T,] H, D) arrays with a .shape; inputs
+    of another ndim are left to the C core's shape check."""
+    qs, vs = getattr(q, "shape", None), getattr(v, "shape", None)
+    if qs is None or vs is None or len(qs) != ndim or len(vs) != ndim:
+        return
+    checks = (("Dk (q's last dim)", state.feature_dim, qs[-1]), ("heads", state.heads, qs[-2]),
+              ("Dv (v's last dim)", state.value_dim, vs[-1]), ("batch", state.batch, qs[0]))
+    for what, have, got in checks:
+        if int(got) != have:
+            raise ValueError(f"the state was built for {what} = {have}, but the inputs have {what} = {int(got)} "
+                             f"(state: {state!r})")
+
+
 def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None):
     """Causal Taylor linear attention over a whole sequence, continuing ``state``.
 
@@ -250,7 +265,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         q, k: ``(B, T, H, Dk)``, Dk in 1..32; float32, float64, float16 or bfloat16, any
             strides (a ``(B, H, T, D)`` tensor passed as ``x.transpose(1, 2)`` is not copied).
         v: ``(B, T, H, Dv)``, q's dtype.
-        state: a ``LinearAttentionState`` of shape (B, H, Dk, Dv) to continue (chunked
+        state: a ``LinearAttentionState`` for (B, H, Dk, Dv) (kv is (B, H, F, Dv)) to continue (chunked
             prefill), updated in place; None starts from zeros (float32, q's array type).
         scale: positive float; default the state's scale, else 1/sqrt(Dk). A value that
             disagrees with a given state's scale is an error.
@@ -291,6 +306,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         scale = state.scale
     else:
         _require_state(state)
+        _check_state_fits(state, q, v, 4)
         scale = _resolve_scale(scale, state)
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
@@ -321,6 +337,7 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
     _require_state(state)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _arrays.require_no_grad(x, name)
+    _check_state_fits(state, q, v, 3)
     if out is None:
         vi = _arrays.info(v, "v")
         _arrays.require_float(vi, "v")

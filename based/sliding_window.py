@@ -248,7 +248,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
             overlap the inputs or the cache.
 
     Returns:
-        ``(o, cache)``: o in v's dtype and q's array type (``out`` if given); cache holds
+        ``(o, cache)``: o in v's dtype and array type (``out`` if given); cache holds
         the last ``min(tokens, window)`` keys and values of each sequence, and is the very
         object passed in, if one was.
 
@@ -297,7 +297,7 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
         out: optional ``(B, H, D)`` array with v's dtype, written in place.
 
     Returns:
-        o: ``(B, H, D)``, v's dtype, q's array type (``out`` if given).
+        o: ``(B, H, D)``, v's dtype and array type (``out`` if given).
 
     Raises:
         TypeError, ValueError, NotImplementedError: as ``sliding_window_prefill``; on any
