@@ -23,7 +23,7 @@ from .sliding_window import SlidingWindowCache, sliding_window_decode, sliding_w
 
 __version__ = _C.__version__
 
-if _os.environ.get("BASED_CPU_ISA", "generic") != "generic":
+if _os.environ.get("BASED_CPU_ISA", "") not in ("", "generic"):
     raise ImportError(f"BASED_CPU_ISA={_os.environ['BASED_CPU_ISA']!r} is not understood: the only value is "
                       "'generic' (use the portable CPU kernels); unset it to let based pick the fastest")
 
@@ -64,7 +64,9 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
     Returns:
         A ``based.Buffer``; ``numpy.from_dlpack``, ``torch.from_dlpack``,
         ``cupy.from_dlpack`` and ``jax.dlpack.from_dlpack`` view it zero-copy, and those
-        views keep the memory alive after the Buffer is gone. Host memory is 256-byte aligned.
+        views keep the memory alive after the Buffer is gone. Host memory is 256-byte aligned;
+        CUDA memory is zero-filled and the device synchronised before this returns (an
+        allocation-time cost, never paid by the ops).
 
     Raises:
         TypeError: unknown dtype. ValueError: bad shape or device.

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import _arrays, _C
+from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
 MAX_FEATURE_DIM = 32
@@ -36,15 +36,6 @@ def _dk_from_expanded(rows: int) -> int:
     r = math.isqrt(max(4 * rows - 3, 0))
     dk = (r - 1) // 2
     return dk if dk >= 1 and 1 + dk + dk * dk == rows else -1
-
-
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    return scale
 
 
 class LinearAttentionState(RecurrentState):
@@ -90,21 +81,18 @@ class LinearAttentionState(RecurrentState):
                 a bfloat16 state made like a numpy array is ``based.Buffer`` arrays.
 
         Raises:
-            TypeError: unknown dtype or a non-number scale. ValueError: sizes out of range,
-            a bad scale or device.
+            TypeError: a non-integer size, an unknown dtype or a non-number scale.
+            ValueError: sizes out of range, a bad scale or device.
         """
-        for name, n, lo in (("batch", batch, 0), ("heads", heads, 0), ("value_dim", value_dim, 1)):
-            if int(n) != n or n < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {n!r}")
-        if int(feature_dim) != feature_dim or not 1 <= feature_dim <= MAX_FEATURE_DIM:
-            raise ValueError(f"feature_dim (Dk, the q/k dim) must be an integer in 1..{MAX_FEATURE_DIM}, "
-                             f"got {feature_dim!r}")
-        if dtype not in _arrays.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {dtype!r}")
-        scale = _arrays.default_scale(int(feature_dim)) if scale is None else _check_scale(scale)
+        b = _args.as_int(batch, "batch", 0)
+        h = _args.as_int(heads, "heads", 0)
+        dv = _args.as_int(value_dim, "value_dim", 1)
+        dk = _args.as_int(feature_dim, "feature_dim (Dk, the q/k dim)", 1, MAX_FEATURE_DIM)
+        dtype = _args.as_dtype(dtype)
+        scale = _args.as_scale(scale, dk)
         if device is None:
             device = _arrays.info(like, "like").device if like is not None else "cpu"
-        b, h, f, dv = int(batch), int(heads), int(_C.feature_dim(int(feature_dim))), int(value_dim)
+        f = int(_C.feature_dim(dk))
         tensors = {
             "kv": _arrays.zeros(like, (b, h, f, dv), dtype, device),
             "ksum": _arrays.zeros(like, (b, h, f), dtype, device),
@@ -144,8 +132,10 @@ class LinearAttentionState(RecurrentState):
         return int(self._t["kv"].shape[3])
 
     def _zeros_like_self(self, batch: int) -> "LinearAttentionState":
+        # like the token counter: it always has the array type the state was made with (kv
+        # may be a based.Buffer where that library lacks the dtype, e.g. numpy bfloat16)
         return type(self).zeros(batch, self.heads, self.feature_dim, self.value_dim, dtype=_dtype_name(self.kv),
-                                scale=self.scale, like=self.kv)
+                                scale=self.scale, like=self._t["tokens"])
 
     # -- the paper code's expanded layout ----------------------------------------------
 
@@ -224,11 +214,8 @@ class LinearAttentionState(RecurrentState):
 def _resolve_scale(scale, state: LinearAttentionState) -> float:
     if scale is None:
         return state.scale
-    scale = _check_scale(scale)
-    if not math.isclose(scale, state.scale, rel_tol=1e-12, abs_tol=0.0):
-        raise ValueError(f"scale={scale!r} disagrees with the state's scale {state.scale!r}; a state carries "
-                         "the scale it was built with (pass scale=None to use it)")
-    return scale
+    _args.same_setting("scale", _args.as_scale(scale), state.scale, "state")
+    return state.scale
 
 
 def _require_state(state) -> None:
@@ -308,6 +295,9 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         _require_state(state)
         _check_state_fits(state, q, v, 4)
         scale = _resolve_scale(scale, state)
+    state._require_writable()
+    normalize = _args.as_flag(normalize, "normalize")
+    _arrays.require_no_grad(out, "out")
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
@@ -338,6 +328,9 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
     for name, x in (("q", q), ("k", k), ("v", v)):
         _arrays.require_no_grad(x, name)
     _check_state_fits(state, q, v, 3)
+    state._require_writable()
+    normalize = _args.as_flag(normalize, "normalize")
+    _arrays.require_no_grad(out, "out")
     if out is None:
         vi = _arrays.info(v, "v")
         _arrays.require_float(vi, "v")

@@ -173,3 +173,27 @@ def test_failed_prefill_without_a_state_returns_nothing():
     with pytest.raises(ValueError, match=r"q must have a feature dim Dk in 1\.\.32, got Dk=40"):
         based.linear_attention_prefill(np.zeros((1, 3, 2, 40), np.float32), np.zeros((1, 3, 2, 40), np.float32),
                                        np.zeros((1, 3, 2, 5), np.float32))
+
+
+@requires_torch
+def test_out_and_state_that_require_grad_are_refused_and_untouched():
+    """torch refuses to export tensors that require grad through __dlpack__; based reads
+    host tensors through torch's C exchange table, so it checks itself, before writing."""
+    q = torch.randn(1, 4, 2, 4)
+    v = torch.randn(1, 4, 2, 3)
+    out = torch.zeros(1, 4, 2, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="out requires grad"):
+        based.linear_attention_prefill(q, q, v, out=out)
+    assert not out.detach().any()
+    _, state = based.linear_attention_prefill(q, q, v)
+    before = state.kv.clone()
+    state.kv.requires_grad_()
+    with pytest.raises(TypeError, match=r"LinearAttentionState.kv requires grad"):
+        based.linear_attention_decode(q[:, 0], q[:, 0], v[:, 0], state)
+    assert torch.equal(state.kv.detach(), before)
+
+
+def test_normalize_must_be_a_bool():
+    q = np.zeros((1, 2, 1, 4), np.float32)
+    with pytest.raises(TypeError, match="normalize must be a bool, got str"):
+        based.linear_attention_prefill(q, q, q, normalize="no")

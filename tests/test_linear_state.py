@@ -78,17 +78,20 @@ def test_bfloat16_state_like_numpy_is_buffers():
 @pytest.mark.parametrize(
     "kwargs,exc,message",
     [
-        ({"feature_dim": 0}, ValueError, r"feature_dim \(Dk, the q/k dim\) must be an integer in 1\.\.32, got 0"),
-        ({"feature_dim": 33}, ValueError, r"in 1\.\.32, got 33"),
-        ({"value_dim": 0}, ValueError, r"value_dim must be an integer >= 1, got 0"),
-        ({"batch": -1}, ValueError, r"batch must be an integer >= 0, got -1"),
-        ({"dtype": "int64"}, TypeError, r"dtype must be one of float32, float64, float16, bfloat16, got 'int64'"),
+        ({"feature_dim": 0}, ValueError, r"feature_dim \(Dk, the q/k dim\) must be between 1 and 32, got 0"),
+        ({"feature_dim": 33}, ValueError, r"between 1 and 32, got 33"),
+        ({"feature_dim": 2.5}, TypeError, r"feature_dim \(Dk, the q/k dim\) must be an int, got float"),
+        ({"value_dim": 0}, ValueError, r"value_dim must be >= 1, got 0"),
+        ({"batch": -1}, ValueError, r"batch must be >= 0, got -1"),
+        ({"batch": None}, TypeError, r"batch must be an int, got NoneType"),
+        ({"dtype": "int64"}, TypeError, r"dtype must be one of float32, float64, float16, bfloat16, got int64"),
         ({"scale": 0.0}, ValueError, r"scale must be a finite number > 0, got 0.0"),
         ({"scale": math.inf}, ValueError, r"scale must be a finite number > 0, got inf"),
         ({"scale": "x"}, TypeError, r"scale must be a number, got str"),
         ({"device": "tpu"}, ValueError, r"device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ],
-    ids=["dk-0", "dk-33", "dv-0", "batch-negative", "dtype-int", "scale-0", "scale-inf", "scale-str", "device"],
+    ids=["dk-0", "dk-33", "dk-float", "dv-0", "batch-negative", "batch-none", "dtype-int", "scale-0", "scale-inf",
+         "scale-str", "device"],
 )
 def test_zeros_rejects_bad_settings(kwargs, exc, message):
     args = {"batch": 1, "heads": 2, "feature_dim": 4, "value_dim": 3, **kwargs}
@@ -306,3 +309,13 @@ def test_from_expanded_symmetrises_and_infers_dk():
 
 def test_feature_count_helper_matches_based():
     assert all(feature_count(d) == based.feature_dim(d) for d in range(1, 33))
+
+
+@pytest.mark.parametrize("method", ["clone", "index_select"])
+def test_clone_and_index_select_keep_every_tensor_type(method):
+    """A bfloat16 state made like numpy holds Buffers for kv/ksum and numpy token counts;
+    its copies must hold the same types (the counters stay writable numpy arrays)."""
+    s = State.zeros(2, 1, 2, 3, dtype="bfloat16", like=np.zeros(1))
+    c = s.clone() if method == "clone" else s.index_select([1, 0])
+    assert type(c.kv) is type(s.kv) and type(c.tokens) is type(s.tokens) is np.ndarray
+    c.tokens[0] = 5

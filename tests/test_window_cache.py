@@ -252,3 +252,11 @@ def test_reference_mask_is_the_flash_attention_band():
     assert m[4].tolist() == [False, False, True, True, True]
     assert ref.sliding_window_mask(2, 6, 3, offset=4).tolist() == [[False, False, True, True, True, False],
                                                                    [False, False, False, True, True, True]]
+
+
+@pytest.mark.parametrize("method", ["clone", "index_select"])
+def test_clone_and_index_select_keep_every_tensor_type(method):
+    c = based.SlidingWindowCache.zeros(2, 1, 4, 8, dtype="bfloat16", like=np.zeros(1, np.float32))
+    d = c.clone() if method == "clone" else c.index_select([1, 0])
+    assert type(d.k) is type(c.k) and type(d.tokens) is type(c.tokens) is np.ndarray
+    d.tokens[0] = 5
