@@ -280,3 +280,24 @@ void based_py_release(based_py_tensor *t) {
 void based_py_release_all(based_py_tensor *ts, int n) {
     for (int i = 0; i < n; i++) based_py_release(&ts[i]);
 }
+
+int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
+                         unsigned written, unsigned optional, based_py_tensor *out) {
+    for (int i = 0; i < n; i++) out[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
+    for (int i = 0; i < n; i++) {
+        int w = (written >> i) & 1u;
+        int rc = ((optional >> i) & 1u) ? based_py_import_optional(module, objs[i], names[i], w, Py_None, &out[i])
+                                        : based_py_import(module, objs[i], names[i], w, Py_None, &out[i]);
+        if (rc < 0) {
+            based_py_release_all(out, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyObject *based_py_finish(based_status st, based_py_tensor *ts, int n) {
+    based_py_release_all(ts, n);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+}
