@@ -315,7 +315,8 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
     /* Each thread takes a contiguous range of (b, h) and walks the sequence chunk by chunk
      * for a group of them at once, so the pages holding a chunk's tokens (every head of a
      * token shares them in the (B, T, H, d) layout) are visited together rather than once
-     * per head. A group holds as many head states as fit BASED_LIN_GROUP_BYTES (>= 1). */
+     * per head. A group holds as many head states as fit BASED_LIN_GROUP_BYTES (>= 1).
+     * Scratch is sized for the threads asked for; a smaller team uses the first slices. */
     const size_t chunk_bytes = ws_layout(&proto, NULL, elem), slot = state_slot_bytes(&proto, elem);
     const int64_t per_thread_items = (work + nthreads - 1) / nthreads;
     int64_t group = (int64_t)(BASED_LIN_GROUP_BYTES / slot);
@@ -331,8 +332,11 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
     void (*chunk)(const based_lin_ws *, int64_t) = a.compute == BASED_DTYPE_FLOAT64 ? kern->chunk_f64 : kern->chunk_f32;
 #pragma omp parallel num_threads(nthreads)
     {
-        const int tid = based_thread_num();
-        const int64_t lo = work * tid / nthreads, hi = work * (tid + 1) / nthreads;
+        /* split over the team OpenMP actually started: it can be smaller than asked for
+         * (inside a caller's parallel region, OMP_DYNAMIC, OMP_THREAD_LIMIT), and a split
+         * over the asked-for count would leave the missing threads' heads uncomputed */
+        const int tid = based_thread_num(), team = based_lin_team_size();
+        const int64_t lo = work * tid / team, hi = work * (tid + 1) / team;
         char *mine = scratch + per_thread * (size_t)tid, *states = mine + chunk_bytes;
         based_lin_ws w = proto;
         ws_layout(&w, mine, elem);

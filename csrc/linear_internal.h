@@ -44,6 +44,17 @@ static inline int64_t based_lin_row(const based_view *x, int has_time, int64_t b
                     : b * x->strides[0] + h * x->strides[1];
 }
 
+/* Threads in the team of the innermost parallel region (1 outside one, or without
+ * OpenMP). Work split by hand inside `omp parallel num_threads(n)` must use this, not n:
+ * OpenMP may start fewer (nested regions, OMP_DYNAMIC, OMP_THREAD_LIMIT). */
+static inline int based_lin_team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* tokens[b] += n for every sequence (the counters were range-checked by the checks). */
 void based_lin_count_tokens(const based_linear_args *a, int64_t n);
 

@@ -6,6 +6,7 @@ local; hypothesis property tests. Tolerances: see tests/linear_helpers.py."""
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import zlib
@@ -478,6 +479,193 @@ def test_portable_kernels_in_a_subprocess():
 
 def test_kernel_isa_is_reported():
     assert _C.linear_kernel_isa() in ("avx2+fma", "generic")
+
+
+# ---------------------------------------------------------------------------------------
+# Threads: every (batch, head) is computed whatever team OpenMP starts, with the same bits
+# ---------------------------------------------------------------------------------------
+
+# Prefill then one decode step, outputs NaN-poisoned, through the C entry points; saves
+# outputs and states. B * H = 10 heads do not split evenly over 3 or 4 threads.
+_THREADS_SCRIPT = r"""
+import sys
+import numpy as np
+from based import _C
+rng = np.random.default_rng(21)
+b, t, h, dk, dv = 2, 70, 5, 4, 3
+f = 1 + dk + dk * (dk + 1) // 2
+res = {}
+for dtype in ("float32", "float64"):
+    q, k = rng.standard_normal((2, b, t + 1, h, dk)).astype(dtype)
+    v = rng.standard_normal((b, t + 1, h, dv)).astype(dtype)
+    kv, ks, tok = np.zeros((b, h, f, dv), dtype), np.zeros((b, h, f), dtype), np.zeros(b, np.int64)
+    out, out1 = np.full((b, t, h, dv), np.nan, dtype), np.full((b, h, dv), np.nan, dtype)
+    _C.linear_attention_prefill(q[:, :t], k[:, :t], v[:, :t], kv, ks, tok, out, 0.5, True, 1e-6, 16)
+    res[dtype + "_prefill_kv"] = kv.copy()
+    _C.linear_attention_decode(q[:, t], k[:, t], v[:, t], kv, ks, tok, out1, 0.5, True, 1e-6)
+    res.update({dtype + "_out": np.concatenate([out, out1[:, None]], 1), dtype + "_kv": kv, dtype + "_ksum": ks,
+                dtype + "_tokens": tok})
+np.savez(sys.argv[1], **res)
+"""
+
+_OMP_ENVS = {
+    "threads1": {"OMP_NUM_THREADS": "1"},
+    "threads2": {"OMP_NUM_THREADS": "2"},
+    "threads3": {"OMP_NUM_THREADS": "3"},
+    # OpenMP starts fewer threads than the kernel asks for:
+    "thread-limit1": {"OMP_NUM_THREADS": "2", "OMP_THREAD_LIMIT": "1"},
+    "thread-limit3": {"OMP_NUM_THREADS": "4", "OMP_THREAD_LIMIT": "3"},
+    "dynamic": {"OMP_NUM_THREADS": "4", "OMP_DYNAMIC": "true"},
+}
+
+
+def _run_threads_script(path, omp_env):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], env={**env, **omp_env},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return np.load(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread_run(tmp_path_factory):
+    """The script's results on one thread, checked against the float64 references."""
+    res = _run_threads_script(tmp_path_factory.mktemp("threads") / "one.npz", _OMP_ENVS["threads1"])
+    rng = np.random.default_rng(21)
+    b, t, h, dk, dv = 2, 70, 5, 4, 3
+    for dtype in ("float32", "float64"):
+        q64, k64 = (x.astype(dtype).astype(np.float64) for x in rng.standard_normal((2, b, t + 1, h, dk)))
+        v64 = rng.standard_normal((b, t + 1, h, dv)).astype(dtype).astype(np.float64)
+        o_ref, bound = output_bound(q64, k64, v64, dtype, scale=0.5, normalize=True, chunk=16)
+        assert_within(res[dtype + "_out"], o_ref, bound, f"{dtype} outputs")
+        kv_ref, ks_ref, kv_b, ks_b = state_bound(k64, v64, dtype, compute_dtype(dtype), scale=0.5, chunk=16)
+        assert_within(res[dtype + "_kv"], kv_ref, kv_b, f"{dtype} state.kv")
+        assert_within(res[dtype + "_ksum"], ks_ref, ks_b, f"{dtype} state.ksum")
+        assert list(res[dtype + "_tokens"]) == [t + 1] * b
+    return res
+
+
+@pytest.mark.parametrize("name", [n for n in _OMP_ENVS if n != "threads1"])
+def test_thread_count_does_not_change_bits(one_thread_run, name, tmp_path):
+    """Each (batch, head) is computed by one thread in a fixed order, so any team (more
+    threads, or fewer than asked for: OMP_THREAD_LIMIT, OMP_DYNAMIC) gives the bits of one
+    thread, which match the references; an uncomputed head would leave NaN in out."""
+    res = _run_threads_script(tmp_path / "res.npz", _OMP_ENVS[name])
+    for key in one_thread_run.files:
+        assert res[key].tobytes() == one_thread_run[key].tobytes(), f"{key} differs from the one-thread run"
+
+
+# A C caller's own parallel region: the kernels' regions nested inside it get one thread
+# (nesting is off) although omp_get_max_threads() says 4, against the twins called outside.
+_NESTED_C = r"""
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include "based.h"
+
+enum { B = 2, T = 70, H = 5, DK = 4, DV = 3, F = 1 + DK + DK * (DK + 1) / 2 };
+static float q[B][T + 1][H][DK], k[B][T + 1][H][DK], v[B][T + 1][H][DV];
+static float out[2][B][T][H][DV], out1[2][B][H][DV], kv[2][B][H][F][DV], ks[2][B][H][F];
+static int64_t tok[2][B];
+
+static DLTensor tensor(void *data, int ndim, int64_t *shape, int64_t *strides, uint8_t code, uint8_t bits) {
+    DLTensor t = {0};
+    t.data = data, t.device.device_type = kDLCPU, t.ndim = ndim, t.shape = shape, t.strides = strides;
+    t.dtype.code = code, t.dtype.bits = bits, t.dtype.lanes = 1;
+    return t;
+}
+
+/* prefill of T tokens and a decode of token T into run r's out, state: ref = 1 the twins */
+static int run(int r, int ref) {
+    int64_t s_in[4] = {B, T, H, DK}, st_in[4] = {(T + 1) * H * DK, H * DK, DK, 1};
+    int64_t s_v[4] = {B, T, H, DV}, st_v[4] = {(T + 1) * H * DV, H * DV, DV, 1};
+    int64_t s_o[4] = {B, T, H, DV}, s_kv[4] = {B, H, F, DV}, s_ks[3] = {B, H, F}, s_t[1] = {B};
+    int64_t s_1[3] = {B, H, DK}, st_1[3] = {(T + 1) * H * DK, DK, 1};
+    int64_t s_1v[3] = {B, H, DV}, st_1v[3] = {(T + 1) * H * DV, DV, 1}, s_o1[3] = {B, H, DV};
+    DLTensor tq = tensor(q, 4, s_in, st_in, kDLFloat, 32), tk = tensor(k, 4, s_in, st_in, kDLFloat, 32);
+    DLTensor tv = tensor(v, 4, s_v, st_v, kDLFloat, 32), to = tensor(out[r], 4, s_o, NULL, kDLFloat, 32);
+    DLTensor tkv = tensor(kv[r], 4, s_kv, NULL, kDLFloat, 32), tks = tensor(ks[r], 3, s_ks, NULL, kDLFloat, 32);
+    DLTensor tt = tensor(tok[r], 1, s_t, NULL, kDLInt, 64);
+    DLTensor q1 = tensor(&q[0][T], 3, s_1, st_1, kDLFloat, 32), k1 = tensor(&k[0][T], 3, s_1, st_1, kDLFloat, 32);
+    DLTensor v1 = tensor(&v[0][T], 3, s_1v, st_1v, kDLFloat, 32), o1 = tensor(out1[r], 3, s_o1, NULL, kDLFloat, 32);
+    based_linear_attention_params p = based_linear_attention_params_default(DK);
+    p.chunk_size = 16;
+    int bad = (ref ? based_linear_attention_prefill_ref : based_linear_attention_prefill)(&tq, &tk, &tv, &tkv, &tks,
+                                                                                         &tt, &to, &p);
+    bad |= (ref ? based_linear_attention_decode_ref : based_linear_attention_decode)(&q1, &k1, &v1, &tkv, &tks, &tt,
+                                                                                    &o1, &p);
+    return bad;
+}
+
+int main(void) {
+    unsigned x = 12345u;
+    float *in[3] = {&q[0][0][0][0], &k[0][0][0][0], &v[0][0][0][0]};
+    const int n[3] = {B * (T + 1) * H * DK, B * (T + 1) * H * DK, B * (T + 1) * H * DV};
+    for (int a = 0; a < 3; a++)
+        for (int i = 0; i < n[a]; i++) {
+            x = x * 1664525u + 1013904223u;
+            in[a][i] = (float)(x >> 8) / (float)(1u << 23) - 1.0f; /* uniform in [-1, 1) */
+        }
+    float *o = &out[0][0][0][0][0], *o1 = &out1[0][0][0][0];
+    for (int i = 0; i < 2 * B * T * H * DV; i++) o[i] = NAN;
+    for (int i = 0; i < 2 * B * H * DV; i++) o1[i] = NAN;
+    omp_set_max_active_levels(1);
+    int bad = 0, asked = 0, inner = 0;
+#pragma omp parallel num_threads(2)
+    {
+#pragma omp single
+        {
+            asked = omp_get_max_threads();
+#pragma omp parallel num_threads(4)
+            {
+                if (omp_get_thread_num() == 0) inner = omp_get_num_threads();
+            }
+            bad = run(0, 0);
+        }
+    }
+    bad |= run(1, 1);
+    if (bad || asked < 2 || inner != 1) {
+        printf("status %d, max threads %d, nested team %d: not the case under test\n", bad, asked, inner);
+        return 1;
+    }
+    /* float32 compute (tests/linear_helpers.py): n u_32 with n = F + 2C + T/C + Dk = 56, times
+     * (num_abs + |o| den_abs) / den <= 20 (|s| <= scale |q| |k| <= 2, so K <= 5 in absolute
+     * terms, K >= 1/2, |v| < 1): 1.3e-4, under 2e-4; a NaN fails the comparison */
+    int nbad = 0;
+    for (int i = 0; i < B * T * H * DV; i++) nbad += !(fabsf(o[i] - o[B * T * H * DV + i]) <= 2e-4f);
+    for (int i = 0; i < B * H * DV; i++) nbad += !(fabsf(o1[i] - o1[B * H * DV + i]) <= 2e-4f);
+    /* the state: n = 2C + T/C + 2 = 39 additions of |phi(k) v| <= 1 over 71 tokens: 3.3e-4 */
+    const float *s = &kv[0][0][0][0][0], *z = &ks[0][0][0][0];
+    for (int i = 0; i < B * H * F * DV; i++) nbad += !(fabsf(s[i] - s[B * H * F * DV + i]) <= 5e-4f);
+    for (int i = 0; i < B * H * F; i++) nbad += !(fabsf(z[i] - z[B * H * F + i]) <= 5e-4f);
+    if (nbad || tok[0][0] != T + 1 || tok[0][1] != T + 1) {
+        printf("%d outputs or state elements differ from the twins'\n", nbad);
+        return 1;
+    }
+    printf("nested ok\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_prefill_inside_a_callers_parallel_region(tmp_path):
+    """A C program calls prefill and decode from inside its own `omp parallel` + `single`:
+    the kernels get a team of one although they ask for more, and every head is computed."""
+    root = Path(__file__).resolve().parent.parent
+    src = tmp_path / "nested.c"
+    src.write_text(_NESTED_C)
+    names = ["core.c", "feature_map.c", "linear_attention.c", "linear_attention_ref.c", "linear_kernels.c",
+             "linear_kernels_avx2.c"]
+    exe = tmp_path / "nested"
+    build = subprocess.run(["cc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", "-fopenmp",
+                            f"-I{root / 'csrc'}", str(src), *(str(root / "csrc" / n) for n in names), "-lm", "-o",
+                            str(exe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OMP_")}, "OMP_NUM_THREADS": "4"}
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "nested ok" in run.stdout
 
 
 # ---------------------------------------------------------------------------------------
