@@ -26,7 +26,7 @@ typedef struct {
     based_view q, k, v, kv, ksum, tokens, out;
     int has_time;            /* prefill: tensors are (B, T, H, d); decode: (B, H, d), T = 1 */
     int64_t B, T, H, Dk, Dv, F;
-    based_dtype compute;     /* FLOAT64 for float64 inputs, else FLOAT32 */
+    based_dtype compute;     /* FLOAT64 for float64 inputs or a float64 state, else FLOAT32 */
     double scale, eps;
     int normalize;
     int64_t chunk;           /* prefill chunk length C (resolved default) */

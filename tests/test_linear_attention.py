@@ -154,7 +154,8 @@ def test_prefill_grid(case):
         kv0, ks0 = (rounded(a, case["state"]) for a in ref.linear_attention_state(kp, vp, scale=scale))
         tokens0 = 5
     qa, ka, va = (to_lib(x, dtype, lib, case["layout"]) for x in (q64, k64, v64))
-    for fn, compute in ((_C.linear_attention_prefill, compute_dtype(dtype)), (_C.linear_attention_prefill_ref, "float64")):
+    for fn, compute in ((_C.linear_attention_prefill, compute_dtype(dtype, case["state"])),
+                        (_C.linear_attention_prefill_ref, "float64")):
         kv, ks, tok = state_arrays(b, h, dk, dv, case["state"], lib, kv0, ks0, tokens0)
         out = to_lib(np.full((b, t, h, dv), np.nan), dtype, lib, case["layout"])
         call(fn, qa, ka, va, kv, ks, tok, out, scale=scale, normalize=case["norm"])
@@ -261,6 +262,8 @@ DECODE_CASES = [
     (3, 4, 16, 64, "float32", "float32", True),
     (2, 3, 32, 100, "float64", "float64", False),
     (2, 2, 8, 24, "float64", "float32", True),
+    (2, 3, 16, 64, "float32", "float64", False),
+    (1, 2, 5, 9, "float16", "float64", True),
     (2, 4, 16, 64, "bfloat16", "float32", False),
     (1, 2, 24, 7, "float16", "float16", True),
     (3, 1, 4, 33, "float32", "bfloat16", False),
@@ -292,7 +295,8 @@ def test_decode_matches_references(case, normalize):
         return to_lib(big, dtype, lib)[..., ::2]
 
     qa, ka, va = (decode_input(x) for x in (q64, k64, v64))
-    for fn, compute in ((_C.linear_attention_decode, compute_dtype(dtype)), (_C.linear_attention_decode_ref, "float64")):
+    for fn, compute in ((_C.linear_attention_decode, compute_dtype(dtype, state_dtype)),
+                        (_C.linear_attention_decode_ref, "float64")):
         kv, ks, tok = state_arrays(b, h, dk, dv, state_dtype, lib, kv0, ks0, 9)
         out = empty_like_lib((b, h, dv), dtype, lib)
         call(fn, qa, ka, va, kv, ks, tok, out, scale=scale, normalize=normalize)
@@ -385,6 +389,41 @@ def test_float64_inputs_compute_in_float64_with_a_float32_state():
     assert np.abs(o - o_ref).max() < 1e-12
     kv_ref, _ = ref.linear_attention_state(k, v, scale=8**-0.5)
     np.testing.assert_array_equal(state.kv, kv_ref.astype(np.float32))  # float64 sums, one rounding
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_a_float64_state_accumulates_in_float64_with_float32_inputs(lib):
+    """A float64 state makes the kernels compute in float64 whatever the inputs' dtype, so
+    what it carries across calls (prefill in pieces, then decode steps) has float64
+    accuracy; a float32 state, run alongside, is held to the same bound and misses it
+    (the bound tells the two apart)."""
+    if lib == "torch" and not HAS_TORCH:
+        pytest.skip("PyTorch is not installed")
+    rng = np.random.default_rng(12)
+    b, h, dk, dv, t1, t2, steps = 2, 3, 16, 24, 70, 45, 40
+    total = t1 + t2 + steps
+    q64, k64, v64 = (rounded(rng.standard_normal((b, total, h, d)), "float32") for d in (dk, dk, dv))
+    q, k, v = (to_lib(x, "float32", lib) for x in (q64, k64, v64))
+    scale = dk**-0.5
+    # float64 compute: n u_64 from the module doc; the float32 outputs get one rounding
+    o_ref, bound = output_bound(q64, k64, v64, "float32", scale=scale, normalize=True, compute="float64")
+    # the state's longest chain (64 in-chunk + 3 chunk + 40 decode additions) is within
+    # state_bound's n = 2C + T/C + 2 = 133
+    kv_ref, ks_ref, kv_b, ks_b = state_bound(k64, v64, "float64", "float64", scale=scale)
+    worst = {}
+    for state_dtype in ("float64", "float32"):
+        state = based.LinearAttentionState.zeros(b, h, dk, dv, dtype=state_dtype, like=q)
+        o1, _ = based.linear_attention_prefill(q[:, :t1], k[:, :t1], v[:, :t1], state)
+        o2, _ = based.linear_attention_prefill(q[:, t1:t1 + t2], k[:, t1:t1 + t2], v[:, t1:t1 + t2], state)
+        o3 = [to_numpy64(based.linear_attention_decode(q[:, t], k[:, t], v[:, t], state))
+              for t in range(t1 + t2, total)]
+        o = np.concatenate([to_numpy64(o1), to_numpy64(o2), np.stack(o3, axis=1)], axis=1)
+        if state_dtype == "float64":
+            assert_within(o, o_ref, bound, "outputs")
+            assert_within(state.kv, kv_ref, kv_b, "state.kv")
+            assert_within(state.ksum, ks_ref, ks_b, "state.ksum")
+        worst[state_dtype] = np.max(np.abs(to_numpy64(state.kv) - kv_ref) / kv_b)
+    assert worst["float64"] <= 1 < worst["float32"], worst
 
 
 @pytest.mark.parametrize("where", ["q", "k", "v"])
