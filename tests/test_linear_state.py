@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import HAS_TORCH, requires_torch, to_numpy64, torch
-from linear_helpers import DTYPES, SHORT, feature_count
+from conftest import EPS, HAS_TORCH, requires_torch, to_numpy64, torch
+from linear_helpers import DTYPES, SHORT, assert_within, feature_count
 
 import based
 from based import reference as ref
@@ -260,14 +260,27 @@ def test_to_expanded_equals_the_paper_state(dk, dtype):
     assert kv273.shape == (b, h, 1 + dk + dk * dk, dv) and kv273.dtype == np.dtype(dtype)
     phi = ref.taylor_feature_map_expanded(k)
     want_kv = np.einsum("bthf,bthv->bhfv", phi, v.astype(np.float64))
-    tol = 1e-4 if dtype == "float32" else 1e-12      # float32 sums over 30 tokens; one 1/sqrt(2)
-    np.testing.assert_allclose(kv273, want_kv, rtol=tol, atol=tol * np.abs(want_kv).max())
-    np.testing.assert_allclose(ksum273, phi.sum(1), rtol=tol)
-    # reading the expanded state with phi273(q) gives what decode reads from the compact one
+    want_ks = phi.sum(1)
+    # Error bound (tests/linear_helpers.py): the compact sums, computed in the inputs' dtype
+    # u, err <= n u sum|terms| with n = 2C + T/C + 2 = 63 (C = T = 30); the expanded rows
+    # are those rows times 1 or 1/sqrt(2), so their sum|terms| is the same einsum on
+    # absolute values; then two roundings to the dtype (the state, then the expanded copy).
+    u, n = EPS[dtype], 2 * t + 1 + 2
+    kv_b = n * u * np.einsum("bthf,bthv->bhfv", np.abs(phi), np.abs(v.astype(np.float64))) + 2 * u * np.abs(want_kv)
+    ks_b = n * u * np.abs(phi).sum(1) + 2 * u * want_ks
+    assert_within(kv273, want_kv, kv_b, "expanded kv")
+    assert_within(ksum273, want_ks, ks_b, "expanded ksum")
+    # reading the expanded state with phi273(q) gives what decode reads from the compact one.
+    # Computed in float64 from the rounded state: num and den are off by at most
+    # e_num = |phi_q| . (kv_b + F u64 |kv273|) and e_den likewise (state error, then the
+    # float64 sum of F = 1 + Dk + Dk^2 terms), so |o - o_ref| <= (e_num + |o_ref| e_den) / (den - e_den).
     phi_q = ref.taylor_feature_map_expanded(q[:, -1])
-    o_exp = np.einsum("bhf,bhfv->bhv", phi_q, kv273) / (np.einsum("bhf,bhf->bh", phi_q, ksum273)[..., None] + 1e-6)
+    f, u64 = kv273.shape[2], EPS["float64"]
+    num, den = np.einsum("bhf,bhfv->bhv", phi_q, kv273), np.einsum("bhf,bhf->bh", phi_q, ksum273)[..., None] + 1e-6
     o_ref = ref.linear_attention_quadratic(q, k, v)[:, -1]
-    np.testing.assert_allclose(o_exp, o_ref, rtol=tol * 10, atol=tol * 10)
+    e_num = np.einsum("bhf,bhfv->bhv", np.abs(phi_q), kv_b + f * u64 * np.abs(kv273.astype(np.float64)))
+    e_den = np.einsum("bhf,bhf->bh", np.abs(phi_q), ks_b + f * u64 * np.abs(ksum273.astype(np.float64)))[..., None]
+    assert_within(num / den, o_ref, (e_num + np.abs(o_ref) * e_den) / (den - e_den), "output from the expanded state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
