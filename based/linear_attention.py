@@ -53,8 +53,10 @@ class LinearAttentionState(RecurrentState):
     code (``to_expanded``/``from_expanded`` convert). The state carries its ``scale``; a
     call with a different scale is refused.
 
-    ``kv``/``ksum`` are float32 by default. float64 keeps more; bfloat16/float16 halve the
-    bytes but are lossy over long sequences (each prefill call rounds the state once, each
+    ``kv``/``ksum`` are float32 by default. A float64 state makes the kernels compute in
+    float64 whatever the inputs' dtype, so it accumulates in float64 across calls and decode
+    steps (prefill with float32 inputs then takes about 2x the time); bfloat16/float16 halve
+    the bytes but are lossy over long sequences (each prefill call rounds the state once, each
     decode step once per token; float16 can overflow once sums pass 65504).
 
     Batch management (``reset``, ``copy_``, ``clone``, ``index_select``) and files
@@ -264,8 +266,8 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         ``(o, state)``: o ``(B, T, H, Dv)`` in v's dtype and array type (``out`` if given);
         ``state`` the same object that was passed (or the new one), with ``tokens += T``.
 
-    Accumulation is float32 (float64 for float64 inputs). The state is read once and
-    written once per call, in its own dtype.
+    Accumulation is float64 when the inputs or the state are float64, else float32. The
+    state is read once and written once per call, in its own dtype.
 
     Raises:
         TypeError: non-arrays, unsupported or mismatched dtypes, a non-state ``state``,
