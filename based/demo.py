@@ -69,7 +69,7 @@ def run(args) -> int:
     if args.device == "cuda":
         problem = _cuda_problem(torch, based)
         if problem:
-            print(f"--device cuda: {problem} Run with --device cpu (the default).", file=sys.stderr)
+            print(f"--device cuda: {problem.rstrip('.')}. Run with --device cpu (the default).", file=sys.stderr)
             return 2
 
     dtype = getattr(torch, args.dtype)
