@@ -6,11 +6,11 @@ their prefill and decode through a C core (and CUDA kernels where built), taking
 returning any DLPack array without copies. SPEC.md is the contract.
 """
 
+import os as _os
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
-    import os as _os
-
     raise ImportError(
         f"based's compiled extension (based._C) is missing from {_os.path.dirname(__file__)}. If that is a "
         "source checkout, build it in place with `pip install -e .` (or import based from another "
@@ -22,6 +22,10 @@ from .linear_attention import LinearAttentionState, linear_attention_decode, lin
 from .sliding_window import SlidingWindowCache, sliding_window_decode, sliding_window_prefill
 
 __version__ = _C.__version__
+
+if _os.environ.get("BASED_CPU_ISA", "") not in ("", "generic"):
+    raise ImportError(f"BASED_CPU_ISA={_os.environ['BASED_CPU_ISA']!r} is not understood: the only value is "
+                      "'generic' (use the portable CPU kernels); unset it to let based pick the fastest")
 
 Buffer = _C.Buffer
 
@@ -35,9 +39,17 @@ def cuda_available() -> bool:
 
 
 def build_info() -> dict:
-    """How this extension was built: version, CUDA (and archs), OpenMP and CPU threads."""
+    """How this extension was built and what it runs on this machine.
+
+    Keys: ``version``; ``cuda`` (compiled with nvcc: the CUDA runtime and based.Buffer on GPUs;
+    the attention ops have no CUDA kernels yet), ``cuda_archs``, ``cuda_devices`` (GPUs usable
+    now); ``openmp``, ``max_threads`` (OpenMP threads the CPU kernels use; set
+    ``OMP_NUM_THREADS`` to change); ``cpu_kernels`` ('avx2+fma' or 'generic', chosen at run time,
+    ``BASED_CPU_ISA=generic`` forces the portable ones).
+    """
     info = dict(_C.build_info())
     info["cuda_devices"] = _C.cuda_device_count()
+    info["cpu_kernels"] = _C.linear_kernel_isa()
     return info
 
 
@@ -52,7 +64,9 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
     Returns:
         A ``based.Buffer``; ``numpy.from_dlpack``, ``torch.from_dlpack``,
         ``cupy.from_dlpack`` and ``jax.dlpack.from_dlpack`` view it zero-copy, and those
-        views keep the memory alive after the Buffer is gone. Host memory is 256-byte aligned.
+        views keep the memory alive after the Buffer is gone. Host memory is 256-byte aligned;
+        CUDA memory is zero-filled and the device synchronised before this returns (an
+        allocation-time cost, never paid by the ops).
 
     Raises:
         TypeError: unknown dtype. ValueError: bad shape or device.

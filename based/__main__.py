@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -25,10 +26,13 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
-    parser = argparse.ArgumentParser(prog="python -m based", description="based: BASED attention kernels.")
+    prog = "python -m based" if os.path.basename(sys.argv[0]) in ("__main__.py", "-c", "") else \
+        os.path.basename(sys.argv[0])
+    parser = argparse.ArgumentParser(prog=prog, description="based: BASED attention kernels.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     d = sub.add_parser("demo", help="generate Shakespeare with the bundled BASED model through based's kernels",
-                       description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=demo.__doc__.replace("``", ""),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(d)
     d.set_defaults(func=_cmd_demo)
     info = sub.add_parser("info", help="print how this build of based was made (CUDA, OpenMP, version)")
@@ -42,7 +46,11 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # e.g. `python -m based demo | head`: the reader left, stop quietly
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

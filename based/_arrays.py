@@ -50,7 +50,7 @@ def info(x: Any, name: str) -> ArrayInfo:
         elif dev.type == "cpu":
             device = (DLPACK_CPU, 0)
         else:
-            device = (-1, 0)
+            raise ValueError(f"{name} is on device {dev.type!r}; based takes cpu and cuda tensors")
         return ArrayInfo(tuple(x.shape), torch_dtype_name(x.dtype), device)
     if isinstance(x, np.ndarray):
         return ArrayInfo(x.shape, x.dtype.name, (DLPACK_CPU, 0))
@@ -83,7 +83,8 @@ def _as_library(like: Any, buf: Any) -> Any:
     if is_torch(like):
         return _torch().from_dlpack(buf)
     if isinstance(like, np.ndarray):
-        return np.from_dlpack(buf)
+        # numpy has no bfloat16: such arrays stay based.Buffer (torch.from_dlpack views them)
+        return buf if buf.dtype == "bfloat16" else np.from_dlpack(buf)
     namespace = getattr(like, "__array_namespace__", None)
     if namespace is not None:
         try:
@@ -118,7 +119,8 @@ def empty(like: Any, shape: tuple, dtype: str, device=None) -> Any:
 
 
 def zeros(like: Any, shape: tuple, dtype: str, device=None) -> Any:
-    """A zero-filled array like `empty`; like=None gives a based.Buffer."""
+    """A zero-filled array like `empty`; like=None gives a based.Buffer, and so does a
+    bfloat16 array asked for with a numpy like (numpy has no bfloat16)."""
     return _alloc(like, shape, dtype, device, True)
 
 

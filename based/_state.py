@@ -155,6 +155,12 @@ class RecurrentState:
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _require_writable(self) -> None:
+        """Kernels write the state in place: torch tensors that require grad are refused
+        (torch's own __dlpack__ refuses them; the fast import path must too)."""
+        for name, t in self._t.items():
+            _arrays.require_no_grad(t, f"{type(self).__name__}.{name}")
+
     # -- files ------------------------------------------------------------------------
 
     def save(self, path) -> None:

@@ -19,11 +19,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 def add_arguments(parser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue (default: a line of Romeo)")
     parser.add_argument("--max-new-tokens", type=int, default=400, help="bytes to generate (default 400)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes (0 = all)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely bytes, 0 = all (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations dtype")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="weights and activations dtype (default float32); the linear-attention states stay float32")
 
 
 def _cuda_problem(torch, based) -> str | None:
@@ -68,7 +69,7 @@ def run(args) -> int:
     if args.device == "cuda":
         problem = _cuda_problem(torch, based)
         if problem:
-            print(f"--device cuda: {problem} Run with --device cpu (the default).", file=sys.stderr)
+            print(f"--device cuda: {problem.rstrip('.')}. Run with --device cpu (the default).", file=sys.stderr)
             return 2
 
     dtype = getattr(torch, args.dtype)

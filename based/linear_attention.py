@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from . import _arrays, _C
+from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
 MAX_FEATURE_DIM = 32
@@ -38,15 +38,6 @@ def _dk_from_expanded(rows: int) -> int:
     return dk if dk >= 1 and 1 + dk + dk * dk == rows else -1
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {scale}")
-    return scale
-
-
 class LinearAttentionState(RecurrentState):
     """The recurrent state of Taylor linear attention for a batch of sequences (SPEC 3).
 
@@ -62,8 +53,10 @@ class LinearAttentionState(RecurrentState):
     code (``to_expanded``/``from_expanded`` convert). The state carries its ``scale``; a
     call with a different scale is refused.
 
-    ``kv``/``ksum`` are float32 by default. float64 keeps more; bfloat16/float16 halve the
-    bytes but are lossy over long sequences (each prefill call rounds the state once, each
+    ``kv``/``ksum`` are float32 by default. A float64 state makes the kernels compute in
+    float64 whatever the inputs' dtype, so it accumulates in float64 across calls and decode
+    steps (prefill with float32 inputs then takes about 2x the time); bfloat16/float16 halve
+    the bytes but are lossy over long sequences (each prefill call rounds the state once, each
     decode step once per token; float16 can overflow once sums pass 65504).
 
     Batch management (``reset``, ``copy_``, ``clone``, ``index_select``) and files
@@ -90,23 +83,18 @@ class LinearAttentionState(RecurrentState):
                 a bfloat16 state made like a numpy array is ``based.Buffer`` arrays.
 
         Raises:
-            TypeError: unknown dtype or a non-number scale. ValueError: sizes out of range,
-            a bad scale or device.
+            TypeError: a non-integer size, an unknown dtype or a non-number scale.
+            ValueError: sizes out of range, a bad scale or device.
         """
-        for name, n, lo in (("batch", batch, 0), ("heads", heads, 0), ("value_dim", value_dim, 1)):
-            if int(n) != n or n < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {n!r}")
-        if int(feature_dim) != feature_dim or not 1 <= feature_dim <= MAX_FEATURE_DIM:
-            raise ValueError(f"feature_dim (Dk, the q/k dim) must be an integer in 1..{MAX_FEATURE_DIM}, "
-                             f"got {feature_dim!r}")
-        if dtype not in _arrays.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {dtype!r}")
-        scale = _arrays.default_scale(int(feature_dim)) if scale is None else _check_scale(scale)
+        b = _args.as_int(batch, "batch", 0)
+        h = _args.as_int(heads, "heads", 0)
+        dv = _args.as_int(value_dim, "value_dim", 1)
+        dk = _args.as_int(feature_dim, "feature_dim (Dk, the q/k dim)", 1, MAX_FEATURE_DIM)
+        dtype = _args.as_dtype(dtype)
+        scale = _args.as_scale(scale, dk)
         if device is None:
             device = _arrays.info(like, "like").device if like is not None else "cpu"
-        if isinstance(like, np.ndarray) and dtype == "bfloat16":
-            like = None
-        b, h, f, dv = int(batch), int(heads), int(_C.feature_dim(int(feature_dim))), int(value_dim)
+        f = int(_C.feature_dim(dk))
         tensors = {
             "kv": _arrays.zeros(like, (b, h, f, dv), dtype, device),
             "ksum": _arrays.zeros(like, (b, h, f), dtype, device),
@@ -146,8 +134,10 @@ class LinearAttentionState(RecurrentState):
         return int(self._t["kv"].shape[3])
 
     def _zeros_like_self(self, batch: int) -> "LinearAttentionState":
+        # like the token counter: it always has the array type the state was made with (kv
+        # may be a based.Buffer where that library lacks the dtype, e.g. numpy bfloat16)
         return type(self).zeros(batch, self.heads, self.feature_dim, self.value_dim, dtype=_dtype_name(self.kv),
-                                scale=self.scale, like=self.kv)
+                                scale=self.scale, like=self._t["tokens"])
 
     # -- the paper code's expanded layout ----------------------------------------------
 
@@ -226,16 +216,28 @@ class LinearAttentionState(RecurrentState):
 def _resolve_scale(scale, state: LinearAttentionState) -> float:
     if scale is None:
         return state.scale
-    scale = _check_scale(scale)
-    if not math.isclose(scale, state.scale, rel_tol=1e-12, abs_tol=0.0):
-        raise ValueError(f"scale={scale!r} disagrees with the state's scale {state.scale!r}; a state carries "
-                         "the scale it was built with (pass scale=None to use it)")
-    return scale
+    _args.same_setting("scale", _args.as_scale(scale), state.scale, "state")
+    return state.scale
 
 
 def _require_state(state) -> None:
     if not isinstance(state, LinearAttentionState):
         raise TypeError(f"state must be a based.LinearAttentionState, got {type(state).__name__}")
+
+
+def _check_state_fits(state: LinearAttentionState, q, v, ndim: int) -> None:
+    """Name a state/input mismatch in the user's terms (Dk, heads, Dv, batch) before the C
+    core reports it as a shape of F rows. q, v: (B, [T,] H, D) arrays with a .shape; inputs
+    of another ndim are left to the C core's shape check."""
+    qs, vs = getattr(q, "shape", None), getattr(v, "shape", None)
+    if qs is None or vs is None or len(qs) != ndim or len(vs) != ndim:
+        return
+    checks = (("Dk (q's last dim)", state.feature_dim, qs[-1]), ("heads", state.heads, qs[-2]),
+              ("Dv (v's last dim)", state.value_dim, vs[-1]), ("batch", state.batch, qs[0]))
+    for what, have, got in checks:
+        if int(got) != have:
+            raise ValueError(f"the state was built for {what} = {have}, but the inputs have {what} = {int(got)} "
+                             f"(state: {state!r})")
 
 
 def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None):
@@ -252,7 +254,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         q, k: ``(B, T, H, Dk)``, Dk in 1..32; float32, float64, float16 or bfloat16, any
             strides (a ``(B, H, T, D)`` tensor passed as ``x.transpose(1, 2)`` is not copied).
         v: ``(B, T, H, Dv)``, q's dtype.
-        state: a ``LinearAttentionState`` of shape (B, H, Dk, Dv) to continue (chunked
+        state: a ``LinearAttentionState`` for (B, H, Dk, Dv) (kv is (B, H, F, Dv)) to continue (chunked
             prefill), updated in place; None starts from zeros (float32, q's array type).
         scale: positive float; default the state's scale, else 1/sqrt(Dk). A value that
             disagrees with a given state's scale is an error.
@@ -264,8 +266,8 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         ``(o, state)``: o ``(B, T, H, Dv)`` in v's dtype and array type (``out`` if given);
         ``state`` the same object that was passed (or the new one), with ``tokens += T``.
 
-    Accumulation is float32 (float64 for float64 inputs). The state is read once and
-    written once per call, in its own dtype.
+    Accumulation is float64 when the inputs or the state are float64, else float32. The
+    state is read once and written once per call, in its own dtype.
 
     Raises:
         TypeError: non-arrays, unsupported or mismatched dtypes, a non-state ``state``,
@@ -293,7 +295,11 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         scale = state.scale
     else:
         _require_state(state)
+        _check_state_fits(state, q, v, 4)
         scale = _resolve_scale(scale, state)
+    state._require_writable()
+    normalize = _args.as_flag(normalize, "normalize")
+    _arrays.require_no_grad(out, "out")
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
@@ -323,6 +329,10 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
     _require_state(state)
     for name, x in (("q", q), ("k", k), ("v", v)):
         _arrays.require_no_grad(x, name)
+    _check_state_fits(state, q, v, 3)
+    state._require_writable()
+    normalize = _args.as_flag(normalize, "normalize")
+    _arrays.require_no_grad(out, "out")
     if out is None:
         vi = _arrays.info(v, "v")
         _arrays.require_float(vi, "v")

@@ -14,66 +14,12 @@ config ``window_size: 128`` means flash ``(64, 0)``, i.e. ``window=65`` here.
 
 from __future__ import annotations
 
-import math
-import operator
-
 import numpy as np
 
-from . import _arrays, _C
+from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
 MAX_HEAD_DIM = 256
-
-
-def _window_arg(window) -> int:
-    if isinstance(window, bool):
-        raise TypeError(f"window must be an int, got {type(window).__name__}")
-    try:
-        w = operator.index(window)
-    except TypeError:
-        raise TypeError(f"window must be an int, got {type(window).__name__}") from None
-    if w < 1:
-        raise ValueError(f"window must be >= 1, got {w}")
-    return w
-
-
-def _scale_arg(scale, head_dim: int) -> float:
-    if scale is None:
-        return _arrays.default_scale(head_dim)
-    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__float__"):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    s = float(scale)
-    if not (math.isfinite(s) and s > 0):
-        raise ValueError(f"scale must be a finite number > 0, got {s}")
-    return s
-
-
-def _int_arg(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if n < low or (high is not None and n > high):
-        bound = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {bound}, got {n}")
-    return n
-
-
-def _dtype_arg(dtype) -> str:
-    if isinstance(dtype, str):
-        name = dtype
-    elif type(dtype).__module__ == "torch":
-        name = _arrays.torch_dtype_name(dtype)
-    else:
-        try:
-            name = np.dtype(dtype).name
-        except TypeError:
-            name = str(dtype)
-    if name not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {name}")
-    return name
 
 
 def _key_ring(like, shape, dtype, device):
@@ -131,26 +77,23 @@ class SlidingWindowCache(RecurrentState):
             device: 'cpu', 'cuda', 'cuda:N'; default like's device, else 'cpu'.
             scale: softmax scale > 0; default 1/sqrt(head_dim).
             like: an array whose type the tensors take (torch in -> torch tensors, numpy
-                in -> numpy arrays); without it they are ``based.Buffer`` objects.
+                in -> numpy arrays); without it they are ``based.Buffer`` objects, and so
+                are bfloat16 tensors made like a numpy array (numpy has no bfloat16).
 
         Raises:
-            TypeError: a non-integer size, an unknown dtype, no dtype and no like, or
-                bfloat16 with a numpy like (numpy has no bfloat16).
+            TypeError: a non-integer size, an unknown dtype, or no dtype and no like.
             ValueError: a size or scale out of range, a bad device.
         """
-        batch = _int_arg(batch, "batch", 0)
-        kv_heads = _int_arg(kv_heads, "kv_heads", 1)
-        window = _window_arg(window)
-        head_dim = _int_arg(head_dim, "head_dim", 1, MAX_HEAD_DIM)
+        batch = _args.as_int(batch, "batch", 0)
+        kv_heads = _args.as_int(kv_heads, "kv_heads", 1)
+        window = _args.as_int(window, "window", 1)
+        head_dim = _args.as_int(head_dim, "head_dim", 1, MAX_HEAD_DIM)
         if dtype is None:
             if like is None:
                 raise TypeError("SlidingWindowCache.zeros needs a dtype (or like=, whose dtype it then takes)")
             dtype = _dtype_name(like)
-        dtype = _dtype_arg(dtype)
-        if dtype == "bfloat16" and isinstance(like, np.ndarray):
-            raise TypeError("SlidingWindowCache.zeros: numpy has no bfloat16; pass like= a torch tensor, or "
-                            "like=None for based.Buffer tensors")
-        scale = _scale_arg(scale, head_dim)
+        dtype = _args.as_dtype(dtype)
+        scale = _args.as_scale(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
         tensors = {
             "k": _key_ring(like, shape, dtype, device),
@@ -178,8 +121,9 @@ class SlidingWindowCache(RecurrentState):
 
     def _zeros_like_self(self, batch: int):
         k = self._t["k"]
+        # like the token counter: it always has the array type the cache was made with
         return type(self).zeros(batch, self.kv_heads, self.window, self.head_dim, dtype=_dtype_name(k),
-                                device=self.device, scale=self.scale, like=k)
+                                device=self.device, scale=self.scale, like=self._t["tokens"])
 
     @property
     def k(self):
@@ -251,7 +195,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
             overlap the inputs or the cache.
 
     Returns:
-        ``(o, cache)``: o in v's dtype and q's array type (``out`` if given); cache holds
+        ``(o, cache)``: o in v's dtype and array type (``out`` if given); cache holds
         the last ``min(tokens, window)`` keys and values of each sequence, and is the very
         object passed in, if one was.
 
@@ -269,17 +213,19 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
     if cache is None:
         if window is None:
             raise ValueError("sliding_window_prefill: window is required when no cache is given")
-        window = _window_arg(window)
+        window = _args.as_int(window, "window", 1)
         if not 1 <= head_dim <= MAX_HEAD_DIM:
             raise ValueError(f"q must have a head dim D between 1 and {MAX_HEAD_DIM}, got D={head_dim}")
         cache = SlidingWindowCache.zeros(batch, ki.shape[2], window, head_dim, dtype=ki.dtype, scale=scale,
                                          like=q, device=qi.device)
     else:
         _require_cache(cache)
-        if window is not None and _window_arg(window) != cache.window:
-            raise ValueError(f"window={window} differs from the cache's window={cache.window}")
-        if scale is not None and _scale_arg(scale, head_dim) != cache.scale:
-            raise ValueError(f"scale={scale} differs from the cache's scale={cache.scale}")
+        if window is not None:
+            _args.same_setting("window", _args.as_int(window, "window", 1), cache.window, "cache")
+        if scale is not None:
+            _args.same_setting("scale", _args.as_scale(scale), cache.scale, "cache")
+    cache._require_writable()
+    _arrays.require_no_grad(out, "out")
     if out is None:
         out = _arrays.empty(v, (batch, seqlen, heads, head_dim), vi.dtype, qi.device)
     _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
@@ -300,13 +246,15 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
         out: optional ``(B, H, D)`` array with v's dtype, written in place.
 
     Returns:
-        o: ``(B, H, D)``, v's dtype, q's array type (``out`` if given).
+        o: ``(B, H, D)``, v's dtype and array type (``out`` if given).
 
     Raises:
         TypeError, ValueError, NotImplementedError: as ``sliding_window_prefill``; on any
         error out and the cache keep every bit.
     """
     _require_cache(cache)
+    cache._require_writable()
+    _arrays.require_no_grad(out, "out")
     qi, _, vi = _inputs(q, k, v, "(B, H, D)", "(B, Hkv, D)")
     if out is None:
         out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)

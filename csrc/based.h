@@ -133,9 +133,10 @@ BASED_API based_linear_attention_params based_linear_attention_params_default(in
 
 /* Chunked prefill, continuing from (kv, ksum, tokens) and updating them in place.
  *   q, k: (B, T, H, Dk), 1 <= Dk <= 32;  v, out: (B, T, H, Dv);  T >= 0.
- * q, k, v share one dtype; out has it too. Compute is float32 (float64 for float64
- * inputs) whatever the state's dtype: the state is read once and written once per call,
- * so its dtype bounds only what is carried between calls. tokens[b] += T.
+ * q, k, v share one dtype; out has it too. Compute is float64 when the inputs or the
+ * state are float64, else float32. The state is read once and written once per call, so
+ * a float32/bfloat16/float16 state bounds only what is carried between calls, and a
+ * float64 state accumulates in float64 even for float32 inputs. tokens[b] += T.
  * Messages name the state tensors "state.kv", "state.ksum", "state.tokens". On x86-64
  * the AVX2+FMA kernels run when the CPU has both (BASED_CPU_ISA=generic in the
  * environment forces the portable ones). */
@@ -146,7 +147,8 @@ BASED_API based_status based_linear_attention_prefill(
 
 /* One token per sequence: folds (k, v) into the state, then reads it with q, in one
  * pass over the state (each element loaded and stored once). tokens[b] += 1.
- *   q, k: (B, H, Dk);  v, out: (B, H, Dv). */
+ *   q, k: (B, H, Dk);  v, out: (B, H, Dv). Compute type as for the prefill; the state is
+ * rounded to its dtype once per token. */
 BASED_API based_status based_linear_attention_decode(
     const DLTensor *q, const DLTensor *k, const DLTensor *v,
     DLTensor *kv, DLTensor *ksum, DLTensor *tokens, DLTensor *out,

@@ -243,7 +243,7 @@ based_status based_view_init(based_view *v, const DLTensor *t, const char *name)
     if (!dtype_from_dl(t->dtype, &v->dtype))
         return based_fail(BASED_STATUS_TYPE_ERROR,
                           "%s has an unsupported dtype (%s, %d bits, %d lanes); expected float32, float64, "
-                          "float16 or bfloat16",
+                          "float16 or bfloat16 (int64 for token counts and batch indices)",
                           name, dl_code_name(t->dtype.code), (int)t->dtype.bits, (int)t->dtype.lanes);
     v->itemsize = based_dtype_size(v->dtype);
     v->ndim = t->ndim;

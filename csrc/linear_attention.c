@@ -6,11 +6,12 @@
  * workspaces in the compute type, hands them to the kernels of linear_kernels.h, and
  * scatters the results back. Work is split over (batch, head) with OpenMP.
  *
- * Precision: the compute type is float32, or float64 when the inputs are float64. A
- * prefill reads the state once into a compute-type workspace, runs every chunk there
- * and writes it back once, so a bfloat16/float16 state is rounded once per call, not per
- * token; a decode rounds it once per token. The state's dtype therefore bounds what is
- * carried from one call to the next (a float32 state with float64 inputs keeps float32).
+ * Precision: the compute type is float64 when the inputs or the state are float64, else
+ * float32. A prefill reads the state once into a compute-type workspace, runs every
+ * chunk there and writes it back once, so a bfloat16/float16 state is rounded once per
+ * call, not per token; a decode rounds it once per token. The state's dtype therefore
+ * bounds what is carried from one call to the next (a float32 state with float64 inputs
+ * keeps float32), and a float64 state accumulates in float64 whatever the inputs' dtype.
  */
 #include <stdatomic.h>
 #include <stdio.h>
@@ -124,7 +125,8 @@ based_status based_linear_check_args(based_linear_args *a, const DLTensor *q_, c
     a->eps = p->eps;
     a->normalize = p->normalize != 0;
     a->chunk = p->chunk_size ? p->chunk_size : BASED_LIN_DEFAULT_CHUNK;
-    a->compute = a->q.dtype == BASED_DTYPE_FLOAT64 ? BASED_DTYPE_FLOAT64 : BASED_DTYPE_FLOAT32;
+    a->compute = a->q.dtype == BASED_DTYPE_FLOAT64 || a->kv.dtype == BASED_DTYPE_FLOAT64 ? BASED_DTYPE_FLOAT64
+                                                                                         : BASED_DTYPE_FLOAT32;
 
     /* what is written must not overlap itself, another output or an input */
     based_view *wr[] = {&a->out, &a->kv, &a->ksum, &a->tokens};
@@ -244,7 +246,12 @@ static inline void row_to_f32(float *dst, int64_t dst_stride, const char *p, bas
 
 static inline void row_to_f64(double *dst, int64_t dst_stride, const char *p, based_dtype dt, int64_t n,
                               int64_t stride) {
-    for (int64_t j = 0; j < n; j++) dst[j * dst_stride] = based_load_f64(p, dt, j * stride);
+    if (dt == BASED_DTYPE_FLOAT32 && stride == 1) { /* a float32 state row under float64 compute */
+        const float *src = (const float *)p;
+        for (int64_t j = 0; j < n; j++) dst[j * dst_stride] = src[j];
+    } else {
+        for (int64_t j = 0; j < n; j++) dst[j * dst_stride] = based_load_f64(p, dt, j * stride);
+    }
 }
 
 /* Tokens t0 .. t0+c-1 of (b, h): q, k -> columns of (Dk, ldc), v -> (c, ld) rows (padding
@@ -315,7 +322,8 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
     /* Each thread takes a contiguous range of (b, h) and walks the sequence chunk by chunk
      * for a group of them at once, so the pages holding a chunk's tokens (every head of a
      * token shares them in the (B, T, H, d) layout) are visited together rather than once
-     * per head. A group holds as many head states as fit BASED_LIN_GROUP_BYTES (>= 1). */
+     * per head. A group holds as many head states as fit BASED_LIN_GROUP_BYTES (>= 1).
+     * Scratch is sized for the threads asked for; a smaller team uses the first slices. */
     const size_t chunk_bytes = ws_layout(&proto, NULL, elem), slot = state_slot_bytes(&proto, elem);
     const int64_t per_thread_items = (work + nthreads - 1) / nthreads;
     int64_t group = (int64_t)(BASED_LIN_GROUP_BYTES / slot);
@@ -331,8 +339,11 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
     void (*chunk)(const based_lin_ws *, int64_t) = a.compute == BASED_DTYPE_FLOAT64 ? kern->chunk_f64 : kern->chunk_f32;
 #pragma omp parallel num_threads(nthreads)
     {
-        const int tid = based_thread_num();
-        const int64_t lo = work * tid / nthreads, hi = work * (tid + 1) / nthreads;
+        /* split over the team OpenMP actually started: it can be smaller than asked for
+         * (inside a caller's parallel region, OMP_DYNAMIC, OMP_THREAD_LIMIT), and a split
+         * over the asked-for count would leave the missing threads' heads uncomputed */
+        const int tid = based_thread_num(), team = based_lin_team_size();
+        const int64_t lo = work * tid / team, hi = work * (tid + 1) / team;
         char *mine = scratch + per_thread * (size_t)tid, *states = mine + chunk_bytes;
         based_lin_ws w = proto;
         ws_layout(&w, mine, elem);
@@ -378,7 +389,12 @@ static inline void row_from_f32(char *p, based_dtype dt, int64_t n, int64_t stri
 }
 
 static inline void row_from_f64(char *p, based_dtype dt, int64_t n, int64_t stride, const double *src) {
-    based_scatter_f64(p, dt, n, stride, src);
+    if (dt == BASED_DTYPE_FLOAT32 && stride == 1) {
+        float *dst = (float *)p;
+        for (int64_t j = 0; j < n; j++) dst[j] = (float)src[j];
+    } else {
+        based_scatter_f64(p, dt, n, stride, src);
+    }
 }
 
 /* One (b, h) in compute type REAL (DT its dtype). `ws` holds phiq, phik (F), v, num, row

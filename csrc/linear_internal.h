@@ -26,7 +26,7 @@ typedef struct {
     based_view q, k, v, kv, ksum, tokens, out;
     int has_time;            /* prefill: tensors are (B, T, H, d); decode: (B, H, d), T = 1 */
     int64_t B, T, H, Dk, Dv, F;
-    based_dtype compute;     /* FLOAT64 for float64 inputs, else FLOAT32 */
+    based_dtype compute;     /* FLOAT64 for float64 inputs or a float64 state, else FLOAT32 */
     double scale, eps;
     int normalize;
     int64_t chunk;           /* prefill chunk length C (resolved default) */
@@ -42,6 +42,17 @@ based_status based_linear_check_args(based_linear_args *a, const DLTensor *q, co
 static inline int64_t based_lin_row(const based_view *x, int has_time, int64_t b, int64_t t, int64_t h) {
     return has_time ? b * x->strides[0] + t * x->strides[1] + h * x->strides[2]
                     : b * x->strides[0] + h * x->strides[1];
+}
+
+/* Threads in the team of the innermost parallel region (1 outside one, or without
+ * OpenMP). Work split by hand inside `omp parallel num_threads(n)` must use this, not n:
+ * OpenMP may start fewer (nested regions, OMP_DYNAMIC, OMP_THREAD_LIMIT). */
+static inline int based_lin_team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
 }
 
 /* tokens[b] += n for every sequence (the counters were range-checked by the checks). */

@@ -140,7 +140,10 @@ based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: src has shape %s, which does not match dst %s",
                           based_format_shape(&src, a, sizeof a), based_format_shape(&dst, b, sizeof b));
     }
-    if (dst.numel == 0 || dst.data == src.data) return BASED_STATUS_OK;
+    if (dst.numel == 0) return BASED_STATUS_OK;
+    if (dst.data == src.data && dst.dtype == src.dtype &&
+        memcmp(dst.strides, src.strides, sizeof(int64_t) * (size_t)dst.ndim) == 0)
+        return BASED_STATUS_OK; /* the same tensor: nothing to copy */
     if (based_check_disjoint(&dst, &src) != BASED_STATUS_OK) {
         based_clear_error();
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: dst and src share memory; copy from a clone instead");

@@ -2,14 +2,15 @@
 the fast kernel and its C reference twin, and the error bound every comparison uses.
 
 The error bound (why the tolerances are what they are). The kernels accumulate in a
-compute precision u_c (float32, or float64 for float64 inputs). Every quantity is a sum
-of products: num_t = sum_u K(q_t, k_u) v_u, taken partly through the feature map (phi(q)
-. kv, whose terms can cancel) and partly directly. A sum of n terms computed in precision
-u has error <= n * u * sum |terms| (Higham, gamma_n). Replacing every input by its absolute
-value turns sum |terms| into a closed form: |phi(q)| . |phi(k)| = 1 + a + a^2/2 with
-a = scale * |q| . |k|, so ``num_abs`` and ``den_abs`` below are the reference run on |q|, |k|,
-|v| (and |state|). The longest chain of additions is n = F + 2C + T/C + Dk (features, the
-in-chunk triangle and the normaliser, chunk-by-chunk state sums, q . k). Then
+compute precision u_c (float64 when the inputs or the state are float64, else float32).
+Every quantity is a sum of products: num_t = sum_u K(q_t, k_u) v_u, taken partly through
+the feature map (phi(q) . kv, whose terms can cancel) and partly directly. A sum of n
+terms computed in precision u has error <= n * u * sum |terms| (Higham, gamma_n).
+Replacing every input by its absolute value turns sum |terms| into a closed form:
+|phi(q)| . |phi(k)| = 1 + a + a^2/2 with a = scale * |q| . |k|, so ``num_abs`` and
+``den_abs`` below are the reference run on |q|, |k|, |v| (and |state|). The longest chain
+of additions is n = F + 2C + T/C + Dk (features, the in-chunk triangle and the
+normaliser, chunk-by-chunk state sums, q . k). Then
 
     |o - o_ref| <= n u_c (num_abs + |o_ref| den_abs) / den  +  eps_out |o_ref|   (normalised)
     |o - o_ref| <= n u_c num_abs + eps_out |o_ref|                                (numerator only)
@@ -39,8 +40,9 @@ def feature_count(dk: int) -> int:
     return 1 + dk + dk * (dk + 1) // 2
 
 
-def compute_dtype(dtype: str) -> str:
-    return "float64" if dtype == "float64" else "float32"
+def compute_dtype(dtype: str, state_dtype: str = "float32") -> str:
+    """The kernels' compute dtype for inputs of dtype and a state of state_dtype."""
+    return "float64" if "float64" in (dtype, state_dtype) else "float32"
 
 
 def to_lib(data: np.ndarray, dtype: str, lib: str, layout: str = "bthd"):

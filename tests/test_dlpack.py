@@ -414,3 +414,33 @@ def test_torch_exchange_api_fast_path_is_zero_copy_and_counted():
         for _ in range(1000):
             based._C.taylor_feature_map(x, out, 0.5)
         assert x._use_count() == before                           # every managed tensor was deleted
+
+
+@requires_torch
+def test_torch_subclass_overriding_dlpack_is_respected():
+    """The exchange-table fast path must not bypass a subclass's own __dlpack__."""
+    class Guarded(torch.Tensor):
+        def __dlpack__(self, *args, **kwargs):
+            raise BufferError("this tensor may not be exported")
+
+    class Plain(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match="this tensor may not be exported"):
+        based._C.taylor_feature_map(torch.randn(2, 3).as_subclass(Guarded), torch.zeros(2, 10), 0.5)
+    out = torch.zeros(2, 10)
+    based._C.taylor_feature_map(torch.ones(2, 3).as_subclass(Plain), out, 0.5)
+    assert out[0, 0].item() == 1.0
+
+
+def test_state_copy_between_differently_strided_views_of_one_buffer_is_refused():
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
+    with pytest.raises(ValueError, match="dst and src share memory"):
+        _C.state_copy(x, x.transpose(0, 2, 1))
+    assert np.array_equal(x, np.arange(16, dtype=np.float32).reshape(1, 4, 4))
+    _C.state_copy(x, x)                                     # the very same tensor: a no-op
+
+
+def test_int64_arguments_name_int64_when_given_another_dtype():
+    with pytest.raises(TypeError, match=r"int64 for token counts and batch indices"):
+        _C.state_zero(np.zeros((2, 3), np.float32), np.array([0], np.int32))

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import HAS_TORCH, requires_torch, to_numpy64, torch
-from linear_helpers import DTYPES, SHORT, feature_count
+from conftest import EPS, HAS_TORCH, requires_torch, to_numpy64, torch
+from linear_helpers import DTYPES, SHORT, assert_within, feature_count
 
 import based
 from based import reference as ref
@@ -78,17 +78,20 @@ def test_bfloat16_state_like_numpy_is_buffers():
 @pytest.mark.parametrize(
     "kwargs,exc,message",
     [
-        ({"feature_dim": 0}, ValueError, r"feature_dim \(Dk, the q/k dim\) must be an integer in 1\.\.32, got 0"),
-        ({"feature_dim": 33}, ValueError, r"in 1\.\.32, got 33"),
-        ({"value_dim": 0}, ValueError, r"value_dim must be an integer >= 1, got 0"),
-        ({"batch": -1}, ValueError, r"batch must be an integer >= 0, got -1"),
-        ({"dtype": "int64"}, TypeError, r"dtype must be one of float32, float64, float16, bfloat16, got 'int64'"),
+        ({"feature_dim": 0}, ValueError, r"feature_dim \(Dk, the q/k dim\) must be between 1 and 32, got 0"),
+        ({"feature_dim": 33}, ValueError, r"between 1 and 32, got 33"),
+        ({"feature_dim": 2.5}, TypeError, r"feature_dim \(Dk, the q/k dim\) must be an int, got float"),
+        ({"value_dim": 0}, ValueError, r"value_dim must be >= 1, got 0"),
+        ({"batch": -1}, ValueError, r"batch must be >= 0, got -1"),
+        ({"batch": None}, TypeError, r"batch must be an int, got NoneType"),
+        ({"dtype": "int64"}, TypeError, r"dtype must be one of float32, float64, float16, bfloat16, got int64"),
         ({"scale": 0.0}, ValueError, r"scale must be a finite number > 0, got 0.0"),
         ({"scale": math.inf}, ValueError, r"scale must be a finite number > 0, got inf"),
         ({"scale": "x"}, TypeError, r"scale must be a number, got str"),
         ({"device": "tpu"}, ValueError, r"device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ],
-    ids=["dk-0", "dk-33", "dv-0", "batch-negative", "dtype-int", "scale-0", "scale-inf", "scale-str", "device"],
+    ids=["dk-0", "dk-33", "dk-float", "dv-0", "batch-negative", "batch-none", "dtype-int", "scale-0", "scale-inf",
+         "scale-str", "device"],
 )
 def test_zeros_rejects_bad_settings(kwargs, exc, message):
     args = {"batch": 1, "heads": 2, "feature_dim": 4, "value_dim": 3, **kwargs}
@@ -257,14 +260,27 @@ def test_to_expanded_equals_the_paper_state(dk, dtype):
     assert kv273.shape == (b, h, 1 + dk + dk * dk, dv) and kv273.dtype == np.dtype(dtype)
     phi = ref.taylor_feature_map_expanded(k)
     want_kv = np.einsum("bthf,bthv->bhfv", phi, v.astype(np.float64))
-    tol = 1e-4 if dtype == "float32" else 1e-12      # float32 sums over 30 tokens; one 1/sqrt(2)
-    np.testing.assert_allclose(kv273, want_kv, rtol=tol, atol=tol * np.abs(want_kv).max())
-    np.testing.assert_allclose(ksum273, phi.sum(1), rtol=tol)
-    # reading the expanded state with phi273(q) gives what decode reads from the compact one
+    want_ks = phi.sum(1)
+    # Error bound (tests/linear_helpers.py): the compact sums, computed in the inputs' dtype
+    # u, err <= n u sum|terms| with n = 2C + T/C + 2 = 63 (C = T = 30); the expanded rows
+    # are those rows times 1 or 1/sqrt(2), so their sum|terms| is the same einsum on
+    # absolute values; then two roundings to the dtype (the state, then the expanded copy).
+    u, n = EPS[dtype], 2 * t + 1 + 2
+    kv_b = n * u * np.einsum("bthf,bthv->bhfv", np.abs(phi), np.abs(v.astype(np.float64))) + 2 * u * np.abs(want_kv)
+    ks_b = n * u * np.abs(phi).sum(1) + 2 * u * want_ks
+    assert_within(kv273, want_kv, kv_b, "expanded kv")
+    assert_within(ksum273, want_ks, ks_b, "expanded ksum")
+    # reading the expanded state with phi273(q) gives what decode reads from the compact one.
+    # Computed in float64 from the rounded state: num and den are off by at most
+    # e_num = |phi_q| . (kv_b + F u64 |kv273|) and e_den likewise (state error, then the
+    # float64 sum of F = 1 + Dk + Dk^2 terms), so |o - o_ref| <= (e_num + |o_ref| e_den) / (den - e_den).
     phi_q = ref.taylor_feature_map_expanded(q[:, -1])
-    o_exp = np.einsum("bhf,bhfv->bhv", phi_q, kv273) / (np.einsum("bhf,bhf->bh", phi_q, ksum273)[..., None] + 1e-6)
+    f, u64 = kv273.shape[2], EPS["float64"]
+    num, den = np.einsum("bhf,bhfv->bhv", phi_q, kv273), np.einsum("bhf,bhf->bh", phi_q, ksum273)[..., None] + 1e-6
     o_ref = ref.linear_attention_quadratic(q, k, v)[:, -1]
-    np.testing.assert_allclose(o_exp, o_ref, rtol=tol * 10, atol=tol * 10)
+    e_num = np.einsum("bhf,bhfv->bhv", np.abs(phi_q), kv_b + f * u64 * np.abs(kv273.astype(np.float64)))
+    e_den = np.einsum("bhf,bhf->bh", np.abs(phi_q), ks_b + f * u64 * np.abs(ksum273.astype(np.float64)))[..., None]
+    assert_within(num / den, o_ref, (e_num + np.abs(o_ref) * e_den) / (den - e_den), "output from the expanded state")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -306,3 +322,13 @@ def test_from_expanded_symmetrises_and_infers_dk():
 
 def test_feature_count_helper_matches_based():
     assert all(feature_count(d) == based.feature_dim(d) for d in range(1, 33))
+
+
+@pytest.mark.parametrize("method", ["clone", "index_select"])
+def test_clone_and_index_select_keep_every_tensor_type(method):
+    """A bfloat16 state made like numpy holds Buffers for kv/ksum and numpy token counts;
+    its copies must hold the same types (the counters stay writable numpy arrays)."""
+    s = State.zeros(2, 1, 2, 3, dtype="bfloat16", like=np.zeros(1))
+    c = s.clone() if method == "clone" else s.index_select([1, 0])
+    assert type(c.kv) is type(s.kv) and type(c.tokens) is type(s.tokens) is np.ndarray
+    c.tokens[0] = 5

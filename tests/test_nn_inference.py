@@ -236,3 +236,17 @@ def test_sample_next_validates():
     draws = {sample_next(z, top_k=1, generator=torch.Generator().manual_seed(s)).item() for s in range(20)}
     assert draws == {1}
     np.testing.assert_equal(generate(small_model(), tokens(1, 3), 0).tokens.shape, (1, 0))
+
+
+def test_token_inputs_are_validated():
+    model = small_model()
+    with pytest.raises(TypeError, match=r"tokens must be an integer torch tensor of shape \(B, T\)"):
+        generate(model, "JULIET", 4)
+    with pytest.raises(TypeError, match="tokens must have an integer dtype"):
+        model.prefill(tokens(1, 3).float())
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\)"):
+        generate(model, torch.tensor([[1, 300]]), 4)
+    with pytest.raises(ValueError, match="the cache holds 2 sequences but tokens have batch 1"):
+        generate(model, tokens(1, 3), 4, cache=model.new_cache(2))
+    with pytest.raises(ValueError, match=r"tokens must have shape \(B,\)"):
+        model.step(tokens(1, 2), model.new_cache(1))

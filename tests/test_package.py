@@ -33,3 +33,27 @@ def test_cli_help_and_info():
     r = run("-m", "based", "info")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["version"] == based.__version__
+
+
+def test_build_info_names_the_cpu_kernels():
+    assert based.build_info()["cpu_kernels"] in ("avx2+fma", "generic")
+
+
+def test_unknown_cpu_isa_is_refused_and_generic_is_honoured():
+    import os
+
+    env = {**os.environ, "BASED_CPU_ISA": "avx9000"}
+    r = subprocess.run([sys.executable, "-c", "import based"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "BASED_CPU_ISA='avx9000' is not understood" in r.stderr
+    env["BASED_CPU_ISA"] = "generic"
+    r = subprocess.run([sys.executable, "-c", "import based; print(based.build_info()['cpu_kernels'])"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "generic"
+
+
+def test_cli_survives_a_closed_pipe():
+    import os
+
+    r = subprocess.run(f"{sys.executable} -m based demo --max-new-tokens 300 | head -c 10", shell=True,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr

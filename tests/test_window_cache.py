@@ -77,10 +77,9 @@ def test_zeros_like_torch():
         ((-1, HKV, W, D), {"dtype": "float32"}, ValueError, "batch must be >= 0, got -1"),
         ((B, HKV, W, D), {"dtype": "float32", "scale": 0.0}, ValueError, "scale must be a finite number > 0"),
         ((B, HKV, W, D), {"dtype": "float32", "device": "tpu"}, ValueError, "device must be"),
-        ((B, HKV, W, D), {"dtype": "bfloat16", "like": np.empty(0)}, TypeError, "numpy has no bfloat16"),
     ],
     ids=["no-dtype", "int-dtype", "kv-heads-0", "window-0", "window-float", "head-dim-257", "batch-negative",
-         "scale-zero", "device", "numpy-bfloat16"],
+         "scale-zero", "device"],
 )
 def test_zeros_rejects(args, kwargs, exc, message):
     with pytest.raises(exc, match=message):
@@ -202,6 +201,14 @@ def test_save_load_round_trip(tmp_path, dtype):
     assert isinstance(loaded_buffers.k, based.Buffer)
 
 
+def test_bfloat16_cache_like_numpy_is_buffers():
+    """numpy has no bfloat16: the ring buffers become based.Buffer objects (torch.from_dlpack
+    views them), as for LinearAttentionState."""
+    c = based.SlidingWindowCache.zeros(2, 1, 4, 8, dtype="bfloat16", like=np.zeros(1, np.float32))
+    assert isinstance(c.k, based.Buffer) and isinstance(c.v, based.Buffer) and c.k.dtype == "bfloat16"
+    assert c.batch == 2 and c.nbytes == 2 * (2 * 1 * 4 * 8 * 2) + 2 * 8
+
+
 @requires_torch
 def test_save_load_bfloat16_torch(tmp_path):
     g = torch.Generator().manual_seed(0)
@@ -245,3 +252,11 @@ def test_reference_mask_is_the_flash_attention_band():
     assert m[4].tolist() == [False, False, True, True, True]
     assert ref.sliding_window_mask(2, 6, 3, offset=4).tolist() == [[False, False, True, True, True, False],
                                                                    [False, False, False, True, True, True]]
+
+
+@pytest.mark.parametrize("method", ["clone", "index_select"])
+def test_clone_and_index_select_keep_every_tensor_type(method):
+    c = based.SlidingWindowCache.zeros(2, 1, 4, 8, dtype="bfloat16", like=np.zeros(1, np.float32))
+    d = c.clone() if method == "clone" else c.index_select([1, 0])
+    assert type(d.k) is type(c.k) and type(d.tokens) is type(c.tokens) is np.ndarray
+    d.tokens[0] = 5

@@ -100,8 +100,8 @@ CASES = {
     "cache-head-dim": (set_("cache", lambda c: cache_like(head_dim=4)), ValueError,
                        r"k_cache must have shape \(B=2, Hkv=2, W=5, D=8\), got \(2, 2, 5, 4\)"),
     "cache-type": (set_("cache", {"k": 1}), TypeError, r"cache must be a based.SlidingWindowCache, got dict"),
-    "window-differs": (set_("window", 6), ValueError, r"window=6 differs from the cache's window=5"),
-    "scale-differs": (set_("scale", 1.0), ValueError, r"scale=1.0 differs from the cache's scale=0.35"),
+    "window-differs": (set_("window", 6), ValueError, r"window=6 disagrees with the cache's window 5"),
+    "scale-differs": (set_("scale", 1.0), ValueError, r"scale=1.0 disagrees with the cache's scale 0.35"),
     "window-float": (set_("window", 5.0), TypeError, r"window must be an int, got float"),
     "window-zero": (set_("window", 0), ValueError, r"window must be >= 1, got 0"),
     "scale-nan": (set_("scale", float("nan")), ValueError, r"scale must be a finite number > 0, got nan"),
@@ -238,3 +238,27 @@ def test_head_dim_zero_and_no_kv_heads():
     args[1], args[2] = f32(B, T, 0, D), f32(B, T, 0, D)
     with pytest.raises(ValueError, match=r"not a multiple of the Hkv=0 heads of k"):
         _C.sliding_window_prefill(*args)
+
+
+def test_scale_written_as_a_power_matches_the_cache():
+    """``D ** -0.5`` and ``1 / sqrt(D)`` differ in the last bit for many D: a call that passes
+    the former to a cache built with the latter is the same setting, not a mismatch."""
+    import math
+
+    for d in (2, 3, 6, 7, 8, 12, 32, 48):
+        assert d ** -0.5 == pytest.approx(1 / math.sqrt(d), rel=1e-15)
+        q = np.zeros((1, 2, 1, d), np.float32)
+        _, cache = based.sliding_window_prefill(q, q, q, window=4)
+        based.sliding_window_prefill(q, q, q, cache=cache, scale=d ** -0.5)
+
+
+@requires_torch
+def test_out_and_cache_that_require_grad_are_refused():
+    q = torch.zeros(1, 3, 2, 4)
+    out = torch.zeros(1, 3, 2, 4, requires_grad=True)
+    with pytest.raises(TypeError, match="out requires grad"):
+        based.sliding_window_prefill(q, q, q, window=2, out=out)
+    _, cache = based.sliding_window_prefill(q, q, q, window=2)
+    cache.v.requires_grad_()
+    with pytest.raises(TypeError, match=r"SlidingWindowCache.v requires grad"):
+        based.sliding_window_decode(q[:, 0], q[:, 0], q[:, 0], cache)

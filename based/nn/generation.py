@@ -55,17 +55,19 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, seed: int | None = None, cache: BasedCache | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
-    """Continue each prompt by ``max_new_tokens`` sampled tokens.
+    """Continue each prompt by ``max_new_tokens`` sampled tokens (greedy when ``temperature == 0``).
 
     The prompt ``(B, T)`` (int tokens, T >= 1) is prefilled in one call (chunked kernels);
     every further token costs one ``model.step`` (decode kernels reading each layer's state
     once). ``seed`` makes sampling reproducible (a CPU ``torch.Generator``); ``on_token`` is
     called with each new ``(B,)`` token tensor as soon as it is sampled (for streaming).
     A given ``cache`` is continued (e.g. a multi-turn session); otherwise a new one is made.
-    Raises ValueError for an empty prompt or a negative ``max_new_tokens``.
+    The result's ``tokens`` hold only the continuation, not the prompt.
+    Raises TypeError for a prompt that is not an integer tensor; ValueError for an empty
+    prompt, token ids outside the vocabulary, a cache of another batch size, or a negative
+    ``max_new_tokens``.
     """
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must be int tokens of shape (B, T) with T >= 1, got {tuple(prompt.shape)}")
+    model.check_tokens(prompt, 2, cache)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

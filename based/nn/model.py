@@ -116,6 +116,24 @@ class BasedLM(nn.Module):
         fixed in size whatever the sequence length."""
         return BasedCache([block.mixer.new_state(batch) for block in self.blocks])
 
+    def check_tokens(self, tokens, ndim: int, cache: "BasedCache | None" = None) -> None:
+        """Raise a clear TypeError/ValueError unless ``tokens`` is an integer tensor of ``ndim``
+        dims, with ids in ``[0, vocab_size)`` and a batch that matches ``cache``."""
+        shape = "(B, T)" if ndim == 2 else "(B,)"
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be an integer torch tensor of shape {shape}, e.g. "
+                            f"torch.tensor([list(b'text')]); got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must have an integer dtype (token ids), got {tokens.dtype}")
+        if tokens.ndim != ndim or (ndim == 2 and tokens.shape[1] < 1):
+            raise ValueError(f"tokens must have shape {shape}{' with T >= 1' if ndim == 2 else ''}, "
+                             f"got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (bytes for this byte-level model), "
+                             f"got values in [{int(tokens.min())}, {int(tokens.max())}]")
+        if cache is not None and cache.batch != tokens.shape[0]:
+            raise ValueError(f"the cache holds {cache.batch} sequences but tokens have batch {tokens.shape[0]}")
+
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, cache: "BasedCache | None" = None):
         """Run int tokens ``(B, T)`` through the model, continuing ``cache`` (a new one if None).
@@ -123,6 +141,7 @@ class BasedLM(nn.Module):
         Returns ``(logits, cache)``: logits ``(B, T, vocab_size)`` for every position; the
         cache is updated in place. The attention layers run based's chunked prefill kernels.
         """
+        self.check_tokens(tokens, 2, cache)
         if cache is None:
             cache = self.new_cache(tokens.shape[0])
         x = self.embed(tokens)
@@ -134,6 +153,7 @@ class BasedLM(nn.Module):
     def step(self, tokens: torch.Tensor, cache: "BasedCache") -> torch.Tensor:
         """Decode one token per sequence: int tokens ``(B,)`` -> logits ``(B, vocab_size)``;
         the cache is updated in place (based's decode kernels: one pass over each state)."""
+        self.check_tokens(tokens, 1, cache)
         x = self.embed(tokens)
         for block, state in zip(self.blocks, cache.states):
             x = block.step(x, state)

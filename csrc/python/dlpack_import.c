@@ -84,12 +84,49 @@ static PyObject *request_capsule(PyObject *module, PyObject *obj, const char *na
     return cap;
 }
 
-/* The DLPack C exchange table of obj's type, or NULL (cached per type; never fails). */
+/* 1 if a class in type's MRO before `provider` defines its own __dlpack__ (a subclass that
+ * overrides the export, e.g. to refuse it or to synchronise a stream), else 0. */
+static int overrides_dlpack(based_module_state *st, PyTypeObject *type, PyTypeObject *provider) {
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro)) return 1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (t == provider) return 0;
+        if (t->tp_dict != NULL && PyDict_GetItemWithError(t->tp_dict, st->str_dlpack) != NULL) return 1;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return 1;
+        }
+    }
+    return 1;
+}
+
+/* The class in type's MRO whose own __dict__ holds the exchange table, or NULL. */
+static PyTypeObject *exchange_provider(based_module_state *st, PyTypeObject *type) {
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro)) return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (t->tp_dict != NULL && PyDict_GetItemWithError(t->tp_dict, st->str_exchange_api) != NULL) return t;
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+/* The DLPack C exchange table of obj's type, or NULL (cached per type; never fails). A
+ * type that overrides __dlpack__ below the class publishing the table gets no fast path:
+ * its own export must run. */
 static const DLPackExchangeAPI *exchange_api(based_module_state *st, PyTypeObject *type) {
     for (int i = 0; i < 4; i++)
         if (st->api_types[i] == type) return st->apis[i];
     const DLPackExchangeAPI *api = NULL;
-    PyObject *cap = PyObject_GetAttr((PyObject *)type, st->str_exchange_api);
+    PyTypeObject *provider = exchange_provider(st, type);
+    PyObject *cap = NULL;
+    if (provider != NULL && !overrides_dlpack(st, type, provider))
+        cap = PyObject_GetAttr((PyObject *)provider, st->str_exchange_api);
     if (cap == NULL) {
         PyErr_Clear();
     } else {
@@ -242,4 +279,25 @@ void based_py_release(based_py_tensor *t) {
 
 void based_py_release_all(based_py_tensor *ts, int n) {
     for (int i = 0; i < n; i++) based_py_release(&ts[i]);
+}
+
+int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
+                         unsigned written, unsigned optional, based_py_tensor *out) {
+    for (int i = 0; i < n; i++) out[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
+    for (int i = 0; i < n; i++) {
+        int w = (written >> i) & 1u;
+        int rc = ((optional >> i) & 1u) ? based_py_import_optional(module, objs[i], names[i], w, Py_None, &out[i])
+                                        : based_py_import(module, objs[i], names[i], w, Py_None, &out[i]);
+        if (rc < 0) {
+            based_py_release_all(out, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyObject *based_py_finish(based_status st, based_py_tensor *ts, int n) {
+    based_py_release_all(ts, n);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
 }

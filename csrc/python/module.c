@@ -56,9 +56,8 @@ static PyModuleDef_Slot based_slots[] = {
 #ifdef Py_mod_multiple_interpreters
     {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
 #endif
-#ifdef Py_mod_gil
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
-#endif
+/* No Py_mod_gil slot: on free-threaded CPython the module keeps the GIL on. The kernels
+ * release it anyway; the per-type DLPack table cache in module state is not yet locked. */
     {0, NULL},
 };
 

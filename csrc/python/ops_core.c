@@ -9,77 +9,56 @@
 
 /* taylor_feature_map(x, out, scale) */
 static PyObject *py_taylor_feature_map(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
-    if (based_py_check_nargs("taylor_feature_map", nargs, 3) < 0) return NULL;
+    static const char *const names[2] = {"x", "out"};
     double scale;
-    if (based_py_as_double(args[2], "scale", &scale) < 0) return NULL;
-    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
-    if (based_py_import(m, args[0], "x", 0, Py_None, &t[0]) < 0) return NULL;
-    if (based_py_import(m, args[1], "out", 1, Py_None, &t[1]) < 0) goto fail;
+    based_py_tensor t[2];
+    if (based_py_check_nargs("taylor_feature_map", nargs, 3) < 0 || based_py_as_double(args[2], "scale", &scale) < 0 ||
+        based_py_import_many(m, args, names, 2, 0x2u, 0u, t) < 0)
+        return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = based_taylor_feature_map(t[0].tensor, t[1].tensor, scale);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 2);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
-fail:
-    based_py_release_all(t, 2);
-    return NULL;
+    return based_py_finish(st, t, 2);
 }
 
 /* state_zero(t, batch_indices_or_None) */
 static PyObject *py_state_zero(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
-    if (based_py_check_nargs("state_zero", nargs, 2) < 0) return NULL;
-    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
-    if (based_py_import(m, args[0], "state", 1, Py_None, &t[0]) < 0) return NULL;
-    if (based_py_import_optional(m, args[1], "batch_indices", 0, Py_None, &t[1]) < 0) goto fail;
+    static const char *const names[2] = {"state", "batch_indices"};
+    based_py_tensor t[2];
+    if (based_py_check_nargs("state_zero", nargs, 2) < 0 || based_py_import_many(m, args, names, 2, 0x1u, 0x2u, t) < 0)
+        return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = based_state_zero(t[0].tensor, t[1].tensor);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 2);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
-fail:
-    based_py_release_all(t, 2);
-    return NULL;
+    return based_py_finish(st, t, 2);
 }
 
 /* state_copy(dst, src) */
 static PyObject *py_state_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
-    if (based_py_check_nargs("state_copy", nargs, 2) < 0) return NULL;
-    based_py_tensor t[2] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
-    if (based_py_import(m, args[0], "dst", 1, Py_None, &t[0]) < 0) return NULL;
-    if (based_py_import(m, args[1], "src", 0, Py_None, &t[1]) < 0) goto fail;
+    static const char *const names[2] = {"dst", "src"};
+    based_py_tensor t[2];
+    if (based_py_check_nargs("state_copy", nargs, 2) < 0 || based_py_import_many(m, args, names, 2, 0x1u, 0u, t) < 0)
+        return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = based_state_copy(t[0].tensor, t[1].tensor);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 2);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
-fail:
-    based_py_release_all(t, 2);
-    return NULL;
+    return based_py_finish(st, t, 2);
 }
 
 /* state_gather(dst, src, batch_indices) */
 static PyObject *py_state_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
-    if (based_py_check_nargs("state_gather", nargs, 3) < 0) return NULL;
-    based_py_tensor t[3] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
-    if (based_py_import(m, args[0], "dst", 1, Py_None, &t[0]) < 0) return NULL;
-    if (based_py_import(m, args[1], "src", 0, Py_None, &t[1]) < 0) goto fail;
-    if (based_py_import(m, args[2], "batch_indices", 0, Py_None, &t[2]) < 0) goto fail;
+    static const char *const names[3] = {"dst", "src", "batch_indices"};
+    based_py_tensor t[3];
+    if (based_py_check_nargs("state_gather", nargs, 3) < 0 || based_py_import_many(m, args, names, 3, 0x1u, 0u, t) < 0)
+        return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = based_state_gather(t[0].tensor, t[1].tensor, t[2].tensor);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 3);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
-fail:
-    based_py_release_all(t, 3);
-    return NULL;
+    return based_py_finish(st, t, 3);
 }
 
 /* zeros(shape, dtype, device_type, device_id) -> Buffer */

@@ -14,7 +14,7 @@ typedef based_status (*linear_op)(const DLTensor *, const DLTensor *, const DLTe
 /* args: q, k, v, kv, ksum, tokens, out, scale, normalize, eps[, chunk_size] */
 static PyObject *run_linear(PyObject *m, PyObject *const *args, Py_ssize_t nargs, const char *fname,
                             Py_ssize_t want, linear_op op) {
-    static const char *names[7] = {"q", "k", "v", "state.kv", "state.ksum", "state.tokens", "out"};
+    static const char *const names[7] = {"q", "k", "v", "state.kv", "state.ksum", "state.tokens", "out"};
     if (based_py_check_nargs(fname, nargs, want) < 0) return NULL;
     based_linear_attention_params p = based_linear_attention_params_default(1);
     if (based_py_as_double(args[7], "scale", &p.scale) < 0) return NULL;
@@ -27,20 +27,12 @@ static PyObject *run_linear(PyObject *m, PyObject *const *args, Py_ssize_t nargs
         if (p.chunk_size == -1 && PyErr_Occurred()) return NULL;
     }
     based_py_tensor t[7];
-    for (int i = 0; i < 7; i++) t[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
-    for (int i = 0; i < 7; i++) {
-        if (based_py_import(m, args[i], names[i], i >= 3, Py_None, &t[i]) < 0) {
-            based_py_release_all(t, 7);
-            return NULL;
-        }
-    }
+    if (based_py_import_many(m, args, names, 7, 0x78u, 0u, t) < 0) return NULL;   /* writes kv, ksum, tokens, out */
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor, t[4].tensor, t[5].tensor, t[6].tensor, &p);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 7);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
+    return based_py_finish(st, t, 7);
 }
 
 static PyObject *py_prefill(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
@@ -65,20 +57,12 @@ static PyObject *run_convert(PyObject *m, PyObject *const *args, Py_ssize_t narg
                              const char *const names[4], convert_op op) {
     if (based_py_check_nargs(fname, nargs, 4) < 0) return NULL;
     based_py_tensor t[4];
-    for (int i = 0; i < 4; i++) t[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
-    for (int i = 0; i < 4; i++) {
-        if (based_py_import(m, args[i], names[i], i >= 2, Py_None, &t[i]) < 0) {
-            based_py_release_all(t, 4);
-            return NULL;
-        }
-    }
+    if (based_py_import_many(m, args, names, 4, 0xcu, 0u, t) < 0) return NULL;    /* writes the last two */
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 4);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
+    return based_py_finish(st, t, 4);
 }
 
 static PyObject *py_to_expanded(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {

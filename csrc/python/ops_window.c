@@ -21,22 +21,14 @@ static PyObject *window_call(PyObject *m, PyObject *const *args, Py_ssize_t narg
     p.window = PyLong_AsLongLong(args[7]);
     if (p.window == -1 && PyErr_Occurred()) return NULL;
     if (based_py_as_double(args[8], "scale", &p.scale) < 0) return NULL;
-    static const char *names[7] = {"q", "k", "v", "k_cache", "v_cache", "tokens", "out"};
-    based_py_tensor t[7] = {BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT,
-                            BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT, BASED_PY_TENSOR_INIT};
-    for (int i = 0; i < 7; i++) {
-        if (based_py_import(m, args[i], names[i], i >= 3, Py_None, &t[i]) < 0) {
-            based_py_release_all(t, 7);
-            return NULL;
-        }
-    }
+    static const char *const names[7] = {"q", "k", "v", "k_cache", "v_cache", "tokens", "out"};
+    based_py_tensor t[7];
+    if (based_py_import_many(m, args, names, 7, 0x78u, 0u, t) < 0) return NULL;   /* writes the cache and out */
     based_status st;
     Py_BEGIN_ALLOW_THREADS
     st = op(t[0].tensor, t[1].tensor, t[2].tensor, t[3].tensor, t[4].tensor, t[5].tensor, t[6].tensor, &p);
     Py_END_ALLOW_THREADS
-    based_py_release_all(t, 7);
-    if (st != BASED_STATUS_OK) return based_py_raise(st);
-    Py_RETURN_NONE;
+    return based_py_finish(st, t, 7);
 }
 
 static PyObject *py_prefill(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {

@@ -62,6 +62,15 @@ int based_py_import_optional(PyObject *module, PyObject *obj, const char *name, 
 void based_py_release(based_py_tensor *t);
 void based_py_release_all(based_py_tensor *ts, int n);
 
+/* The shape of every binding: import objs[0..n) (bit i of `written`: the op writes it;
+ * bit i of `optional`: Py_None is an empty slot), all or nothing: returns 0, or -1 with an
+ * exception set and nothing held. */
+int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
+                         unsigned written, unsigned optional, based_py_tensor *out);
+
+/* Gives the n tensors back, then returns None for OK or raises for st. */
+PyObject *based_py_finish(based_status st, based_py_tensor *ts, int n);
+
 /* ---------------------------------------------------------------------------------
  * based.Buffer
  * --------------------------------------------------------------------------------- */

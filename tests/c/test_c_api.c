@@ -1,6 +1,7 @@
 /*
  * test_c_api.c -- csrc/based.h used from plain C, no Python: the feature map against a
- * direct formula, the error contract (status, message, nothing written), state helpers.
+ * direct formula, the error contract (status, message, nothing written), state helpers, and
+ * the linear-attention and sliding-window kernels against their plain-loop twins.
  * Built and run by tests/test_c_api.py (cc -std=c11 -fopenmp -Icsrc, with every csrc C file).
  */
 #include <math.h>
@@ -86,6 +87,91 @@ int main(void) {
     CHECK(st[1][0] == 0 && st[1][1] == 0 && st[0][0] == 1, "state_zero");
     CHECK(based_state_gather(&tst, &tst, &tidx) == BASED_STATUS_OK, "%s", based_last_error());
     CHECK(st[0][0] == 5 && st[1][1] == 2 && st[2][0] == 1, "state_gather in place");
+
+    /* linear attention: fast kernel == plain-loop twin, prefill then decode; B=1 T=70 H=2 Dk=4 Dv=3
+     * (T not a multiple of the chunk, Dv not a power of two) */
+    enum { T = 70, H = 2, DK = 4, DV = 3, F = 1 + DK + DK * (DK + 1) / 2 };
+    static float lq[T][H][DK], lk[T][H][DK], lv[T][H][DV], lo[2][T][H][DV];
+    static float kv[2][H][F][DV], ks[2][H][F];
+    int64_t tok[2][1] = {{0}, {0}};
+    unsigned seed = 12345u;
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            for (int i = 0; i < DK; i++) {
+                seed = seed * 1103515245u + 12345u;
+                lq[t][h][i] = (float)((seed >> 16) % 2001) / 1000.f - 1.f;
+                seed = seed * 1103515245u + 12345u;
+                lk[t][h][i] = (float)((seed >> 16) % 2001) / 1000.f - 1.f;
+            }
+            for (int i = 0; i < DV; i++) lv[t][h][i] = (float)((t * 7 + h * 3 + i) % 11) - 5.f;
+        }
+    int64_t qs4[4] = {1, T - 1, H, DK}, vs4[4] = {1, T - 1, H, DV}, kvs[4] = {1, H, F, DV}, kss[3] = {1, H, F};
+    int64_t ts1[1] = {1}, q3[3] = {1, H, DK}, v3[3] = {1, H, DV};
+    based_linear_attention_params lp = based_linear_attention_params_default(DK);
+    for (int which = 0; which < 2; which++) { /* 0: fast, 1: reference twin */
+        DLTensor tq = tensor(lq, 4, qs4, NULL, kDLFloat, 32), tk = tensor(lk, 4, qs4, NULL, kDLFloat, 32);
+        DLTensor tv = tensor(lv, 4, vs4, NULL, kDLFloat, 32), to4 = tensor(lo[which], 4, vs4, NULL, kDLFloat, 32);
+        DLTensor tkv = tensor(kv[which], 4, kvs, NULL, kDLFloat, 32), tks = tensor(ks[which], 3, kss, NULL, kDLFloat, 32);
+        DLTensor ttok = tensor(tok[which], 1, ts1, NULL, kDLInt, 64);
+        based_status st = which ? based_linear_attention_prefill_ref(&tq, &tk, &tv, &tkv, &tks, &ttok, &to4, &lp)
+                                : based_linear_attention_prefill(&tq, &tk, &tv, &tkv, &tks, &ttok, &to4, &lp);
+        CHECK(st == BASED_STATUS_OK, "linear prefill (%d): %s", which, based_last_error());
+        DLTensor dq = tensor(lq[T - 1], 3, q3, NULL, kDLFloat, 32), dk = tensor(lk[T - 1], 3, q3, NULL, kDLFloat, 32);
+        DLTensor dv = tensor(lv[T - 1], 3, v3, NULL, kDLFloat, 32), dout = tensor(lo[which][T - 1], 3, v3, NULL, kDLFloat, 32);
+        st = which ? based_linear_attention_decode_ref(&dq, &dk, &dv, &tkv, &tks, &ttok, &dout, &lp)
+                   : based_linear_attention_decode(&dq, &dk, &dv, &tkv, &tks, &ttok, &dout, &lp);
+        CHECK(st == BASED_STATUS_OK, "linear decode (%d): %s", which, based_last_error());
+        CHECK(tok[which][0] == T, "tokens after prefill + decode: %lld", (long long)tok[which][0]);
+    }
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < DV; i++) /* normalised outputs are O(|v|) = O(5); float32 sums over <= 70 terms */
+                CHECK(fabsf(lo[0][t][h][i] - lo[1][t][h][i]) <= 1e-4f, "linear o[%d][%d][%d]: %g vs %g", t, h, i,
+                      lo[0][t][h][i], lo[1][t][h][i]);
+    /* a bad call (wrong Dv in out) fails and leaves the state untouched */
+    float kv_before = kv[0][1][F - 1][DV - 1];
+    int64_t bad_vs[4] = {1, T - 1, H, DV + 1};
+    DLTensor bq = tensor(lq, 4, qs4, NULL, kDLFloat, 32), bv = tensor(lv, 4, vs4, NULL, kDLFloat, 32);
+    DLTensor bo = tensor(lo[0], 4, bad_vs, NULL, kDLFloat, 32), bkv = tensor(kv[0], 4, kvs, NULL, kDLFloat, 32);
+    DLTensor bks = tensor(ks[0], 3, kss, NULL, kDLFloat, 32), btok = tensor(tok[0], 1, ts1, NULL, kDLInt, 64);
+    CHECK(based_linear_attention_prefill(&bq, &bq, &bv, &bkv, &bks, &btok, &bo, &lp) == BASED_STATUS_VALUE_ERROR,
+          "bad out shape accepted");
+    CHECK(kv[0][1][F - 1][DV - 1] == kv_before && tok[0][0] == T, "a rejected call wrote the state");
+
+    /* sliding window: fast == twin; window 5 < T, GQA 2 query heads over 1 kv head */
+    enum { WT = 23, W = 5, WD = 3 };
+    static float wq[WT][2][WD], wk[WT][1][WD], wv[WT][1][WD], wo[2][WT][2][WD], kc[2][1][W][WD], vc[2][1][W][WD];
+    int64_t wtok[2][1] = {{0}, {0}};
+    for (int t = 0; t < WT; t++)
+        for (int i = 0; i < WD; i++) {
+            wq[t][0][i] = lq[t][0][i];
+            wq[t][1][i] = lq[t][1][i];
+            wk[t][0][i] = lk[t][0][i];
+            wv[t][0][i] = (float)((t + i) % 5);
+        }
+    int64_t wqs[4] = {1, WT, 2, WD}, wks[4] = {1, WT, 1, WD}, cs[4] = {1, 1, W, WD};
+    based_sliding_window_params wp = {W, 1.0 / sqrt((double)WD), NULL};
+    for (int which = 0; which < 2; which++) {
+        DLTensor tq = tensor(wq, 4, wqs, NULL, kDLFloat, 32), tk = tensor(wk, 4, wks, NULL, kDLFloat, 32);
+        DLTensor tv = tensor(wv, 4, wks, NULL, kDLFloat, 32), to4 = tensor(wo[which], 4, wqs, NULL, kDLFloat, 32);
+        DLTensor tkc = tensor(kc[which], 4, cs, NULL, kDLFloat, 32), tvc = tensor(vc[which], 4, cs, NULL, kDLFloat, 32);
+        DLTensor ttok = tensor(wtok[which], 1, ts1, NULL, kDLInt, 64);
+        based_status st = which ? based_sliding_window_prefill_ref(&tq, &tk, &tv, &tkc, &tvc, &ttok, &to4, &wp)
+                                : based_sliding_window_prefill(&tq, &tk, &tv, &tkc, &tvc, &ttok, &to4, &wp);
+        CHECK(st == BASED_STATUS_OK, "window prefill (%d): %s", which, based_last_error());
+        CHECK(wtok[which][0] == WT, "window tokens %lld", (long long)wtok[which][0]);
+    }
+    for (int t = 0; t < WT; t++)
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < WD; i++) /* softmax averages of values in [0, 4] */
+                CHECK(fabsf(wo[0][t][h][i] - wo[1][t][h][i]) <= 1e-5f, "window o[%d][%d][%d]: %g vs %g", t, h, i,
+                      wo[0][t][h][i], wo[1][t][h][i]);
+    based_sliding_window_params bad_wp = {0, 1.0, NULL};
+    DLTensor tq = tensor(wq, 4, wqs, NULL, kDLFloat, 32), tk = tensor(wk, 4, wks, NULL, kDLFloat, 32);
+    DLTensor tkc = tensor(kc[0], 4, cs, NULL, kDLFloat, 32), tvc = tensor(vc[0], 4, cs, NULL, kDLFloat, 32);
+    DLTensor ttok = tensor(wtok[0], 1, ts1, NULL, kDLInt, 64), to4 = tensor(wo[0], 4, wqs, NULL, kDLFloat, 32);
+    CHECK(based_sliding_window_prefill(&tq, &tk, &tk, &tkc, &tvc, &ttok, &to4, &bad_wp) == BASED_STATUS_VALUE_ERROR,
+          "window 0 accepted");
 
     CHECK(strcmp(based_status_str(BASED_STATUS_TYPE_ERROR), "type error") == 0, "status string");
     if (failures == 0) printf("test_c_api: all checks passed (based %s)\n", based_version());
