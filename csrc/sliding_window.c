@@ -439,6 +439,8 @@ static const window_kernels *window_kernels_pick(void) {
     return k;
 }
 
+const char *based_window_kernel_isa(void) { return window_kernels_pick()->name; }
+
 /* All outputs of a checked prefill call (the cache is read, not written). */
 static based_status window_forward(const based_window_call *c) {
     const window_kernels *kern = window_kernels_pick();
