@@ -539,6 +539,7 @@ static void window_update_cache(const based_window_call *c) {
     const int64_t T = c->seqlen, W = c->window, D = c->head_dim;
     const int64_t first = T > W ? T - W : 0, pairs = c->batch * c->kv_heads;
     const int nthreads = based_threads_for(pairs * (T - first) * D / 4096);
+    (void)nthreads; /* only the pragma reads it: unused without OpenMP */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
         const int64_t b = bh / c->kv_heads, kh = bh % c->kv_heads, t0 = based_window_tokens(c, b);
