@@ -23,9 +23,10 @@ from .sliding_window import SlidingWindowCache, sliding_window_decode, sliding_w
 
 __version__ = _C.__version__
 
-if _os.environ.get("BASED_CPU_ISA", "") not in ("", "generic"):
-    raise ImportError(f"BASED_CPU_ISA={_os.environ['BASED_CPU_ISA']!r} is not understood: the only value is "
-                      "'generic' (use the portable CPU kernels); unset it to let based pick the fastest")
+if _os.environ.get("BASED_CPU_ISA", "") not in ("", "generic", "avx2"):
+    raise ImportError(f"BASED_CPU_ISA={_os.environ['BASED_CPU_ISA']!r} is not understood: the values are "
+                      "'generic' (the portable CPU kernels) and 'avx2' (no AVX-512 kernels); unset it to let "
+                      "based pick the fastest")
 
 Buffer = _C.Buffer
 
@@ -44,12 +45,14 @@ def build_info() -> dict:
     Keys: ``version``; ``cuda`` (compiled with nvcc: the CUDA runtime and based.Buffer on GPUs;
     the attention ops have no CUDA kernels yet), ``cuda_archs``, ``cuda_devices`` (GPUs usable
     now); ``openmp``, ``max_threads`` (OpenMP threads the CPU kernels use; set
-    ``OMP_NUM_THREADS`` to change); ``cpu_kernels`` ('avx2+fma' or 'generic', chosen at run time,
-    ``BASED_CPU_ISA=generic`` forces the portable ones).
+    ``OMP_NUM_THREADS`` to change); ``cpu_kernels``: the CPU kernels each op runs, chosen at run
+    time from the CPU -- ``{'linear_attention': 'avx2+fma' | 'generic', 'sliding_window':
+    'avx512' | 'avx2' | 'generic'}``; ``BASED_CPU_ISA=generic`` forces the portable ones,
+    ``BASED_CPU_ISA=avx2`` rules out AVX-512.
     """
     info = dict(_C.build_info())
     info["cuda_devices"] = _C.cuda_device_count()
-    info["cpu_kernels"] = _C.linear_kernel_isa()
+    info["cpu_kernels"] = {"linear_attention": _C.linear_kernel_isa(), "sliding_window": _C.window_kernel_isa()}
     return info
 
 

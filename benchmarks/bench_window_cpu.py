@@ -1,52 +1,60 @@
-"""Sliding-window attention on the CPU: based against PyTorch, measured in the same run.
+"""Sliding-window attention on the CPU: based against PyTorch, and against the machine's own
+limits, measured in the same run.
 
-Prefill baseline: torch.nn.functional.scaled_dot_product_attention with a boolean band
-mask (the exact same function, SPEC 1.2). It is what a PyTorch user has on the CPU, and it
-is O(T^2): it scores every key and masks most of them, where based does O(T * W).
-Decode baseline: a window-sized ring buffer in torch (write the new key and value into
-slot t % W, then SDPA of one query over all W slots, no mask: the cache is full), i.e.
-the best plain-PyTorch decode step, already O(W).
+    python benchmarks/bench_window_cpu.py               # the full run (~3 minutes), all cores
+    python benchmarks/bench_window_cpu.py --threads 1   # one core
+    python benchmarks/bench_window_cpu.py --quick       # small sizes, a few seconds
 
-Every case is checked against the baseline before it is timed. A time is the fastest of
-`repeat` samples, each the mean over >= 0.2 s of calls, after a warm-up: on a machine shared
-with other jobs the fastest sample is the least disturbed one (a median can land on samples
-where another process held a core and stalled a 2-thread region). torch and based run with
-the same number of threads, the same statistic, in the same process.
+Prefill: based.sliding_window_prefill against torch.nn.functional.scaled_dot_product_attention
+with a boolean band mask (the exact same function, SPEC 1.2): what a PyTorch user has on the
+CPU, O(T^2) (it scores every key and masks most of them), where based does O(T * W). Useful
+work is 4 D flops per (query, key) pair in the band (scores and weighted values); the
+percentage is of the float32 FMA peak measured in the same run (benchmarks/native.c).
 
-Run:  python benchmarks/bench_window_cpu.py            (about 2 minutes on 2 cores)
-      python benchmarks/bench_window_cpu.py --quick    (smaller sizes, a few seconds)
+Decode (one token, cache full and wrapped): based.sliding_window_decode against a window-sized
+ring buffer in torch (write the new key and value into slot t % W, then SDPA of one query over
+all W slots, no mask: the cache is full), the best plain-PyTorch decode step, already O(W).
+The floor is the time to stream the k and v caches once (read and write every byte in place,
+x = x * 1 + 0 compiled for this CPU; the faster of 1 and all threads), measured in the same
+run: a decode step must read every cached key and value.
+Decode latency at B=1 is split into the Python layer (argument checks, out allocation), the
+binding (DLPack import of the seven tensors) and the C call itself (timed through ctypes).
+
+Every case is checked against the PyTorch baseline before it is timed. Times are the best of
+`rounds` rounds, each timing every contender in turn (common.timeit_each): on a machine shared
+with other jobs the best is the least disturbed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import math
 import os
-import platform
-import subprocess
-import time
+import sys
+from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+PARSER = argparse.ArgumentParser(description="Sliding-window attention on the CPU: based vs PyTorch.")
+PARSER.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+PARSER.add_argument("--rounds", type=int, default=3,
+                    help="repeat every measurement this many times, keep the best (default 3)")
+PARSER.add_argument("--threads", type=int, default=0,
+                    help="threads for based (OpenMP) and torch; default all cores (set before OpenMP loads)")
+ARGS = PARSER.parse_args()
+if ARGS.threads:
+    os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
 
-import based
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (fma_peak_gflops, machine_summary, markdown_table, merge_best, stream_seconds,  # noqa: E402
+                    timeit, timeit_each)
 
-def timed(fn, repeat, min_seconds=0.2):
-    """Seconds per call of fn: the fastest of `repeat` samples (after a warm-up call), each
-    the mean over enough calls to last min_seconds (so short calls are not timer noise)."""
-    fn()
-    t = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t, 1e-7)
-    inner = max(1, int(min_seconds / once))
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t) / inner)
-    return min(samples)
+import based  # noqa: E402
+from based import _C  # noqa: E402
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}   # based vs SDPA: float32 / bfloat16 rounding of the output
 
 
 def band_mask(t, window):
@@ -61,88 +69,154 @@ def prefill_flops(b, t, h, d, w):
     return 4 * b * h * d * keys
 
 
-def bench_prefill(b, t, h, hkv, d, w, dtype, repeat):
-    g = torch.Generator().manual_seed(0)
-    dt = getattr(torch, dtype)
-    # (B, H, T, D) storage, passed to based as the (B, T, H, D) view x.transpose(1, 2):
-    # the layout SDPA wants, and a strided input for based (no copy either way)
-    q = torch.randn(b, h, t, d, generator=g).to(dt)
-    k = torch.randn(b, hkv, t, d, generator=g).to(dt)
-    v = torch.randn(b, hkv, t, d, generator=g).to(dt)
-    mask = band_mask(t, w)
-    out = torch.empty(b, t, h, d, dtype=dt)
+def bench_prefill(cases, args):
+    rows = []
+    for (b, t, h, hkv, d, w, dtype) in cases:
+        g = torch.Generator().manual_seed(0)
+        dt = getattr(torch, dtype)
+        # (B, H, T, D) storage, passed to based as the (B, T, H, D) view x.transpose(1, 2):
+        # the layout SDPA wants, and a strided input for based (no copy either way)
+        q = torch.randn(b, h, t, d, generator=g).to(dt)
+        k = torch.randn(b, hkv, t, d, generator=g).to(dt)
+        v = torch.randn(b, hkv, t, d, generator=g).to(dt)
+        mask = band_mask(t, w)
+        out = torch.empty(b, t, h, d, dtype=dt)
 
-    def ours():
-        based.sliding_window_prefill(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=w, out=out)
+        def ours():
+            based.sliding_window_prefill(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=w, out=out)
 
-    def theirs():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hkv != h)
+        def theirs():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hkv != h)
 
-    ours()
-    want = theirs().transpose(1, 2).float()
-    err = (out.float() - want).abs().max().item()
-    assert err < {"float32": 1e-4, "bfloat16": 5e-2}[dtype], f"based and SDPA disagree by {err}"
-    t_ours = timed(ours, repeat)
-    t_theirs = timed(theirs, max(1, repeat // 2), min_seconds=0.0)   # O(T^2): seconds per call at T=8192
-    return t_ours, t_theirs, prefill_flops(b, t, h, d, w)
+        ours()
+        err = (out.float() - theirs().transpose(1, 2).float()).abs().max().item()
+        assert err < TOLERANCE[dtype], f"based and SDPA disagree by {err}"
+        r = {}
+        for _ in range(args.rounds):
+            merge_best(r, timeit_each({"based": ours}, repeat=3, min_time=0.2))
+        # SDPA is O(T^2): seconds per call at T=8192, so one sample per round
+        r_sdpa = min(timeit(theirs, repeat=1, min_time=0.0, warmup=1)["min"] for _ in range(args.rounds))
+        rows.append(((b, t, h, hkv, d, w, dtype), r["based"]["min"], r_sdpa, prefill_flops(b, t, h, d, w)))
+
+    def render(peak):
+        table = []
+        for case, tb, ts, flops in rows:
+            gflops = flops / tb / 1e9
+            table.append([*case, tb * 1e3, gflops, 100 * gflops / peak, ts * 1e3, f"{ts / tb:.1f}x"])
+        return markdown_table(["B", "T", "H", "Hkv", "D", "W", "dtype", "based ms", "GFLOP/s", "% of FMA peak",
+                               "SDPA+mask ms", "x vs SDPA"], table)
+
+    return render
 
 
-def bench_decode(b, h, d, w, dtype, repeat):
+def decode_setup(b, h, d, w, dtype):
     g = torch.Generator().manual_seed(1)
     dt = getattr(torch, dtype)
     q, k, v = (torch.randn(b, h, d, generator=g).to(dt) for _ in range(3))
     prompt = [torch.randn(b, 2 * w, h, d, generator=g).to(dt) for _ in range(3)]
     _, cache = based.sliding_window_prefill(*prompt, window=w)      # a full cache, wrapped
-    kc = cache.k.clone()                                             # torch's ring buffer, same contents
-    vc = cache.v.clone()
-    step = [2 * w]
-    out = torch.empty(b, h, d, dtype=dt)
-
-    def ours():
-        based.sliding_window_decode(q, k, v, cache, out=out)
-
-    def theirs():
-        slot = step[0] % w
-        kc[:, :, slot] = k
-        vc[:, :, slot] = v
-        step[0] += 1
-        return F.scaled_dot_product_attention(q[:, :, None], kc, vc)[:, :, 0]
-
-    ours()
-    want = theirs()
-    err = (out.float() - want.float()).abs().max().item()
-    assert err < {"float32": 1e-4, "bfloat16": 5e-2}[dtype], f"based and SDPA disagree by {err}"
-    t_ours = timed(ours, repeat)
-    t_theirs = timed(theirs, repeat)
-    bytes_read = 2 * b * h * w * d * out.element_size()              # the whole cache, k and v
-    return t_ours, t_theirs, bytes_read
+    return q, k, v, cache, torch.empty(b, h, d, dtype=dt)
 
 
-def environment():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "?"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = based.build_info()
-    return (f"based {based.__version__} @ {commit} (OpenMP {info['openmp']}, {info['max_threads']} threads), "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {cpu}, {os.cpu_count()} CPUs")
+def bench_decode(cases, args, threads):
+    rows = []
+    for (b, h, d, w, dtype) in cases:
+        q, k, v, cache, out = decode_setup(b, h, d, w, dtype)
+        kc = cache.k.clone()                                          # torch's ring buffer, same contents
+        vc = cache.v.clone()
+        step = [2 * w]
+
+        def ours():
+            based.sliding_window_decode(q, k, v, cache, out=out)
+
+        def theirs():
+            slot = step[0] % w
+            kc[:, :, slot] = k
+            vc[:, :, slot] = v
+            step[0] += 1
+            return F.scaled_dot_product_attention(q[:, :, None], kc, vc)[:, :, 0]
+
+        ours()
+        err = (out.float() - theirs().float()).abs().max().item()
+        assert err < TOLERANCE[dtype], f"based and SDPA disagree by {err}"
+        cache_bytes = 2 * b * h * w * d * out.element_size()         # the whole cache, k and v
+        r, stream = {}, math.inf
+        for _ in range(args.rounds):
+            merge_best(r, timeit_each({"based": ours, "torch": theirs}, repeat=5 if args.quick else 9))
+            stream = min([stream] + [stream_seconds(cache_bytes, n) for n in sorted({1, threads})])
+        tb, tt = r["based"]["min"], r["torch"]["min"]
+        rows.append([b, h, d, w, dtype, cache_bytes / 2**20, tb * 1e6, stream * 1e6, f"{tb / stream:.2f}",
+                     cache_bytes / tb / 1e9, tt * 1e6, f"{tt / tb:.1f}x"])
+    return markdown_table(["B", "H", "D", "W", "dtype", "cache MiB", "based us", "stream cache once us",
+                           "based / stream", "GB/s (cache read)", "torch ring+SDPA us", "x vs torch"], rows)
+
+
+# ---------------------------------------------------------------------------------------
+# B=1 decode latency, layer by layer: the C entry point is timed through ctypes with the
+# DLTensors built once, so that neither Python nor the DLPack import is in its time
+# ---------------------------------------------------------------------------------------
+
+
+class _Device(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _Device), ("ndim", ctypes.c_int32), ("dtype", _DType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+class _Params(ctypes.Structure):
+    _fields_ = [("window", ctypes.c_int64), ("scale", ctypes.c_double), ("stream", ctypes.c_void_p)]
+
+
+_DL_CODES = {torch.float32: (2, 32), torch.bfloat16: (4, 16), torch.float16: (2, 16), torch.int64: (0, 64)}
+
+
+def _dl(t, keep):
+    """A DLTensor (kDLCPU) describing torch tensor t; t and the arrays go into keep."""
+    shape = (ctypes.c_int64 * t.dim())(*t.shape)
+    strides = (ctypes.c_int64 * t.dim())(*t.stride())
+    keep += [t, shape, strides]
+    code, bits = _DL_CODES[t.dtype]
+    return _DLTensor(t.data_ptr(), _Device(1, 0), t.dim(), _DType(code, bits, 1), shape, strides, 0)
+
+
+def bench_decode_layers(args, h=16, d=64, w=65, dtype="float32"):
+    q, k, v, cache, out = decode_setup(1, h, d, w, dtype)
+    keep = []
+    tensors = [_dl(x, keep) for x in (q, k, v, cache.k, cache.v, cache.tokens, out)]
+    params = _Params(w, cache.scale, None)
+    c_decode = ctypes.CDLL(_C.__file__).based_sliding_window_decode
+    c_decode.restype = ctypes.c_int
+    c_args = [ctypes.byref(x) for x in tensors] + [ctypes.byref(params)]
+    fns = {
+        "python": lambda: based.sliding_window_decode(q, k, v, cache, out=out),
+        "binding": lambda: _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, w, cache.scale),
+        "c": lambda: c_decode(*c_args),
+    }
+    assert fns["c"]() == 0
+    r = {}
+    for _ in range(args.rounds):
+        merge_best(r, timeit_each(fns, repeat=5 if args.quick else 9))
+    tp, tbind, tc = (r[n]["min"] * 1e6 for n in ("python", "binding", "c"))
+    rows = [["based.sliding_window_decode (all)", tp, "100%"],
+            ["  Python layer (checks, out=)", tp - tbind, f"{100 * (tp - tbind) / tp:.0f}%"],
+            ["  binding (DLPack import of 7 tensors, GIL release)", tbind - tc, f"{100 * (tbind - tc) / tp:.0f}%"],
+            ["  C call (checks, kernel; timed through ctypes)", tc, f"{100 * tc / tp:.0f}%"]]
+    return markdown_table([f"B=1, H={h}, D={d}, W={w}, {dtype}", "us", "share"], rows)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--repeat", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(based.build_info()["max_threads"])
-    print(environment())
-
+    args = ARGS
+    threads = based.build_info()["max_threads"]
+    torch.set_num_threads(threads)
+    print(f"# Sliding-window attention (CPU)\n\nMachine: {machine_summary(threads)}\n")
     if args.quick:
         prefill = [(1, 512, 4, 4, 64, 65, "float32")]
         decode = [(4, 4, 64, 65, "float32")]
@@ -158,23 +232,28 @@ def main():
             (1, 2048, 16, 4, 128, 129, "float32"),       # GQA, head dim 128
             (1, 2048, 16, 16, 64, 1024, "float32"),      # a wide window
         ]
-        decode = [(b, 16, 64, 65, dt) for b in (1, 16, 64) for dt in ("float32",)] + [(16, 16, 64, 65, "bfloat16")]
-
-    print("\n### Prefill (ms; ratio = SDPA time / based time)\n")
-    print("| B | T | H | Hkv | D | W | dtype | based ms | based GFLOP/s | SDPA+mask ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for case in prefill:
-        t_ours, t_theirs, flops = bench_prefill(*case, repeat=args.repeat)
-        print("| " + " | ".join(map(str, case)) + f" | {t_ours * 1e3:.2f} | {flops / t_ours / 1e9:.1f} | "
-              f"{t_theirs * 1e3:.2f} | {t_theirs / t_ours:.1f}x |", flush=True)
-
-    print("\n### Decode, one token (us; ratio = torch ring-buffer time / based time)\n")
-    print("| B | H | D | W | dtype | based us | based GB/s (cache read) | torch ring+SDPA us | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for case in decode:
-        t_ours, t_theirs, nbytes = bench_decode(*case, repeat=args.repeat)
-        print("| " + " | ".join(map(str, case)) + f" | {t_ours * 1e6:.1f} | {nbytes / t_ours / 1e9:.1f} | "
-              f"{t_theirs * 1e6:.1f} | {t_theirs / t_ours:.1f}x |", flush=True)
+        decode = [(b, 16, 64, 65, "float32") for b in (1, 16, 64)] + [(16, 16, 64, 65, "bfloat16"),
+                                                                       (16, 16, 64, 1024, "float32")]
+    # The peak is measured before, between and after the runs, and the best is used: on a
+    # shared machine a disturbed measurement only lowers it, which would flatter the ratios.
+    peaks = [fma_peak_gflops(threads)]
+    prefill_table = bench_prefill(prefill, args)
+    peaks.append(fma_peak_gflops(threads))
+    decode_table = bench_decode(decode, args, threads)
+    layers_table = bench_decode_layers(args)
+    peaks.append(fma_peak_gflops(threads))
+    peak = max(peaks)
+    print(f"FMA peak, float32, {threads} threads, measured {len(peaks)} times: "
+          f"{', '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; percentages use the best, {peak:.0f}. "
+          f"Times: best of {args.rounds} rounds.\n")
+    print("## Prefill (ms; x vs SDPA = SDPA time / based time)\n")
+    print(prefill_table(peak))
+    print("\n## Decode, one token, cache full and wrapped (us; based / stream = based time / time to stream the "
+          "k and v caches once)\n")
+    print(decode_table)
+    print("\n## Decode latency at B=1, layer by layer\n")
+    print(layers_table)
+    print(f"\nCommand: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`")
 
 
 if __name__ == "__main__":

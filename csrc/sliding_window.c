@@ -6,14 +6,34 @@
  *   o_p = softmax_u(scale * q_p . k_u) @ v_u   over key positions u in (p - W, p]
  *
  * Prefill attends across the call boundary into the cached keys, then stores the last
- * min(T, W) keys and values of the call in their ring slots. Decode is prefill with
- * T = 1: the slot the new key replaces held position p - W, which is already outside
- * the window of p, so attending before writing gives the same result as writing first.
+ * min(T, W) keys and values of the call in their ring slots. Decode stores the new key
+ * and value in their slot first (it held position p - W, already outside the window of
+ * p) and then reads every key of the window from the ring, in place.
  * Work is O(T * W * D) per head, never O(T^2); the softmax is computed in float32
  * (float64 for float64 inputs) with the running max subtracted (online softmax).
+ *
+ * The arithmetic of one output row (query position p, head h), which every kernel
+ * below does in exactly this order, so that one prefill, chunked prefill and decode
+ * give bit-identical outputs whatever the thread count or instruction set:
+ *
+ *   q' = q * scale (in REAL); m = -inf, l = 0, acc = 0
+ *   for each key block [KB a, KB (a+1)) meeting the window [lo, p], in order,
+ *   over its keys u in J = [max(lo, KB a), min(p + 1, KB (a+1))):
+ *     s_u  = sum_i q'_i k_u,i                from 0, i = 0, 1, ..., D-1
+ *     m'   = max(m, max_u s_u)               (NaN scores skipped)
+ *     c    = m' == m ? 1 : EXP(m - m');  l = l * c;  acc = acc * c
+ *     e_u  = EXP(s_u - m')
+ *     l    = l + L_0 + L_1 + ... + L_15,     L_x = sum of e_u over u = x mod 16, u increasing
+ *     acc  = acc + e_u v_u                   u increasing
+ *   o = acc / l
+ *
+ * Key blocks are aligned to absolute positions (not to the query's window), so the
+ * rows of a tile share block boundaries, and the decode finds the same blocks in the ring.
  */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "sliding_window.h"
 
@@ -140,28 +160,31 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
 }
 
 /* ---------------------------------------------------------------------------------
- * Kernels: the template in sliding_window_kernel.h, for float and for double
+ * Kernels: the template in sliding_window_kernel.h, for float and double, each for
+ * AVX-512, AVX2 and the baseline instruction set
  * --------------------------------------------------------------------------------- */
 
-#define LANES 16  /* keys (scores) or output dims accumulated in registers at once (or 4 * LANES) */
-#define KB 64     /* key block of the online softmax; a multiple of 4 * LANES */
-#define KC 256    /* block starts per key chunk converted into scratch at once */
-#define QB_MAX 64 /* query positions per work item */
-#define DP_OF(d) (((d) + LANES - 1) / LANES * LANES)
+#define LANES 16  /* weights are summed in LANES lanes (position mod LANES); every VL divides it */
+#define KB 256    /* key block of the online softmax, aligned to absolute positions; a multiple of LANES */
+#define SROW (KB + 2 * LANES) /* scores of one row of a tile: a block and a partial vector either side */
+#define ACC_LD BASED_WINDOW_MAX_HEAD_DIM /* decode: outputs of one row */
+#define QB_MAX 256 /* query positions per prefill work item */
+#define DP_OF(d) (((d) + LANES - 1) / LANES * LANES) /* prefill: value and output rows, zero-padded */
+
+/* kinds of key and value rows the decode reads in place */
+#define KIND_NATIVE 0
+#define KIND_BF16 1
+#define KIND_F16 2
+
+/* Prefill work below this many multiply-adds (scores and outputs) runs on one thread, as
+ * does a decode step that reads less than this many bytes of cache: an OpenMP fork and
+ * join costs a few microseconds, more than such a call takes. */
+#define WINDOW_PARALLEL_MIN_MACS ((int64_t)1 << 21)
+#define WINDOW_PARALLEL_MIN_BYTES ((int64_t)256 << 10)
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
-/* The work-item function is compiled for AVX-512, AVX2 and baseline x86-64, and the
- * loader picks the best the CPU has (GNU ifunc), so a portable build runs wide vectors.
- * Every lane does the same IEEE operations in the same order (no FMA contraction in
- * ISO C mode), so all three give bit-identical results. */
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    !defined(BASED_NO_TARGET_CLONES)
-#define BASED_WINDOW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BASED_WINDOW_CLONES
-#endif
 /* Prefetch the cache lines of a row of `bytes` bytes (rows with unit stride in the last
  * dim; for other strides it fetches the first lines, which is harmless). */
 #if defined(__GNUC__)
@@ -173,12 +196,8 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
 #else
 #define BASED_WINDOW_PREFETCH(ptr, bytes) ((void)(ptr))
 #endif
-/* helpers of the work item: inlined, so each clone compiles them for its own ISA */
-#if defined(__GNUC__)
+/* helpers of the kernels: inlined, so each instantiation compiles them for its own ISA */
 #define BASED_WINDOW_INLINE static inline __attribute__((always_inline))
-#else
-#define BASED_WINDOW_INLINE static inline
-#endif
 
 /* exp(x) for x <= 0 or NaN in float32, in a form the compiler vectorises (libm's expf is
  * a scalar call): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by
@@ -226,33 +245,283 @@ static inline float window_f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* Per-thread scratch of the prefill (see window_prefill_item), in the compute type. */
+typedef struct {
+    int64_t kcp; /* keys of kt and rows of vv: the widest block of an item, plus partial vectors */
+    int64_t dp;  /* DP_OF(D) */
+    void *kt;    /* [kcp/LANES][D][LANES] keys u = pos - cbase of the current block, transposed */
+    void *vv;    /* [kcp][dp]  values of the current block, rows zero-padded */
+    void *qs;    /* [rows][D]  queries of the item, times scale */
+    void *acc;   /* [rows][dp] unnormalised outputs */
+    void *m;     /* [rows]     running max of the scores */
+    void *l;     /* [rows]     running sum of the weights */
+    void *s;     /* [4][SROW]  scores of a tile, then their weights */
+    void *tile;  /* [LANES][D] key rows on their way into kt */
+} window_scratch;
+
+/* The instantiations. x86-64 with GCC: AVX-512 and AVX2 ones besides the baseline
+ * (SSE2) one, picked at run time (window_kernels_pick). Every one does the same IEEE
+ * operations in the same order, so they give the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define WINDOW_HAVE_X86 1
+#else
+#define WINDOW_HAVE_X86 0
+#endif
+
 #define REAL float
+#define IREAL int32_t
 #define NATIVE BASED_DTYPE_FLOAT32
+#define HALF_LOADS 1
+#define VEC_EXP 1
 #define EXP window_exp_f32
 #define LOAD based_load_f32
 #define SCATTER based_scatter_f32
-#define FN(name) CAT(name, _f32)
+#if WINDOW_HAVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#define VL 16
+#define NV4 5
+#define NV1 8
+#define DV4 4
+#define DV1 8
+#define FN(name) CAT(name, _f32_avx512)
 #include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define VL 8
+#define NV4 3
+#define NV1 6
+#define DV4 3
+#define DV1 6
+#define FN(name) CAT(name, _f32_avx2)
+#include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
+#pragma GCC pop_options
+#endif
+#define VL 4
+#define NV4 3
+#define NV1 6
+#define DV4 3
+#define DV1 6
+#define FN(name) CAT(name, _f32_generic)
+#include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
 #undef REAL
+#undef IREAL
 #undef NATIVE
+#undef HALF_LOADS
+#undef VEC_EXP
 #undef EXP
 #undef LOAD
 #undef SCATTER
-#undef FN
 
 #define REAL double
+#define IREAL int64_t
 #define NATIVE BASED_DTYPE_FLOAT64
+#define HALF_LOADS 0
+#define VEC_EXP 0
 #define EXP exp
 #define LOAD based_load_f64
 #define SCATTER based_scatter_f64
-#define FN(name) CAT(name, _f64)
+#if WINDOW_HAVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#define VL 8
+#define NV4 4
+#define NV1 8
+#define DV4 4
+#define DV1 8
+#define FN(name) CAT(name, _f64_avx512)
 #include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define VL 4
+#define NV4 3
+#define NV1 6
+#define DV4 3
+#define DV1 6
+#define FN(name) CAT(name, _f64_avx2)
+#include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
+#pragma GCC pop_options
+#endif
+#define VL 2
+#define NV4 3
+#define NV1 6
+#define DV4 3
+#define DV1 6
+#define FN(name) CAT(name, _f64_generic)
+#include "sliding_window_kernel.h"
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
 #undef REAL
+#undef IREAL
 #undef NATIVE
+#undef HALF_LOADS
+#undef VEC_EXP
 #undef EXP
 #undef LOAD
 #undef SCATTER
-#undef FN
+
+typedef void (*window_prefill_fn)(const based_window_call *, const window_scratch *, int64_t, int64_t, int64_t,
+                                  int64_t);
+typedef void (*window_decode_fn)(const based_window_call *, int64_t, int64_t);
+
+typedef struct {
+    const char *name;
+    window_prefill_fn prefill_f32, prefill_f64;
+    window_decode_fn decode_f32, decode_f64;
+} window_kernels;
+
+#define WINDOW_KERNELS(isa)                                                                                \
+    {#isa, window_prefill_item_f32_##isa, window_prefill_item_f64_##isa, window_decode_item_f32_##isa,    \
+     window_decode_item_f64_##isa}
+static const window_kernels window_generic = WINDOW_KERNELS(generic);
+#if WINDOW_HAVE_X86
+static const window_kernels window_avx2 = WINDOW_KERNELS(avx2);
+static const window_kernels window_avx512 = WINDOW_KERNELS(avx512);
+#endif
+
+/* The kernels for this CPU: AVX-512 where the CPU has it, else AVX2, else the baseline.
+ * BASED_CPU_ISA=generic (or avx2) in the environment caps the choice (read once). */
+static const window_kernels *window_kernels_pick_uncached(void) {
+    const char *want = getenv("BASED_CPU_ISA");
+    if (want != NULL && strcmp(want, "generic") == 0) return &window_generic;
+#if WINDOW_HAVE_X86
+    __builtin_cpu_init();
+    const int cap_avx2 = want != NULL && strcmp(want, "avx2") == 0;
+    if (!cap_avx2 && __builtin_cpu_supports("avx512f")) return &window_avx512;
+    if (__builtin_cpu_supports("avx2")) return &window_avx2;
+#endif
+    return &window_generic;
+}
+
+static const window_kernels *window_kernels_pick(void) {
+    static _Atomic(const window_kernels *) chosen = NULL;
+    const window_kernels *k = atomic_load_explicit(&chosen, memory_order_acquire);
+    if (k == NULL) {
+        k = window_kernels_pick_uncached();
+        atomic_store_explicit(&chosen, k, memory_order_release);
+    }
+    return k;
+}
+
+const char *based_window_kernel_isa(void) { return window_kernels_pick()->name; }
+
+/* All outputs of a checked prefill call (the cache is read, not written). */
+static based_status window_forward(const based_window_call *c) {
+    const window_kernels *kern = window_kernels_pick();
+    const int f64 = c->q.dtype == BASED_DTYPE_FLOAT64;
+    const size_t elem = f64 ? sizeof(double) : sizeof(float);
+    const window_prefill_fn item_fn = f64 ? kern->prefill_f64 : kern->prefill_f32;
+    const int64_t d = c->head_dim, dp = DP_OF(d), g_count = c->heads / c->kv_heads, w = c->window;
+    /* keep one item's outputs near 128 KiB (in L2) */
+    int64_t qb = (int64_t)(131072 / elem) / (g_count * dp);
+    qb = qb < 1 ? 1 : qb > QB_MAX ? QB_MAX : qb;
+    qb = qb < c->seqlen ? qb : c->seqlen;
+    /* an item's keys: qb + W - 1 positions at most, KB per block at most, plus the
+     * partial vectors before and after a block */
+    const int64_t span = qb - 1 < KB - w ? qb + w - 1 : KB;
+    const int64_t kcp = (span + 2 * LANES - 1) / LANES * LANES;
+    const int64_t rows = qb * g_count;
+    const int64_t n_qblocks = (c->seqlen + qb - 1) / qb, items = c->batch * c->kv_heads * n_qblocks;
+    const int64_t macs = c->batch * c->heads * c->seqlen * (w < 4096 ? w : 4096) * d * 2;
+    const int nthreads = macs < WINDOW_PARALLEL_MIN_MACS ? 1 : based_threads_for(items);
+
+    /* per-thread layout, each array on its own cache lines */
+    const size_t sizes[8] = {(size_t)(d * kcp), (size_t)(kcp * dp), (size_t)(rows * d), (size_t)(rows * dp),
+                             (size_t)rows,      (size_t)rows,       (size_t)(4 * SROW), (size_t)(LANES * d)};
+    size_t offsets[8], per_thread = 0;
+    for (int i = 0; i < 8; i++) {
+        offsets[i] = per_thread;
+        per_thread += (sizes[i] * elem + 63) / 64 * 64;
+    }
+    if (per_thread > SIZE_MAX / (size_t)nthreads)
+        return based_fail(BASED_STATUS_OUT_OF_MEMORY, "sliding_window: scratch size overflows");
+    char *scratch = based_scratch_alloc(per_thread * (size_t)nthreads);
+    if (scratch == NULL)
+        return based_fail(BASED_STATUS_OUT_OF_MEMORY, "sliding_window: out of memory for %zu bytes of scratch",
+                          per_thread * (size_t)nthreads);
+    /* zero once: padding lanes and rows are read (and their results dropped) but never written */
+    memset(scratch, 0, per_thread * (size_t)nthreads);
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) if (nthreads > 1)
+    for (int64_t it = 0; it < items; it++) {
+        char *base = scratch + per_thread * (size_t)based_thread_num();
+        const window_scratch sc = {kcp,
+                                   dp,
+                                   base + offsets[0],
+                                   base + offsets[1],
+                                   base + offsets[2],
+                                   base + offsets[3],
+                                   base + offsets[4],
+                                   base + offsets[5],
+                                   base + offsets[6],
+                                   base + offsets[7]};
+        const int64_t qi = it % n_qblocks, bh = it / n_qblocks;
+        const int64_t t_a = qi * qb, t_b = t_a + qb < c->seqlen ? t_a + qb : c->seqlen;
+        item_fn(c, &sc, bh / c->kv_heads, bh % c->kv_heads, t_a, t_b);
+    }
+    based_scratch_free(scratch);
+    return BASED_STATUS_OK;
+}
+
+/* A decode step reads the ring in place when its key cache is slot-contiguous (the
+ * layout SlidingWindowCache allocates) and its value rows unit-stride; other layouts go
+ * through the prefill kernel (T = 1), which converts the window into scratch. */
+static int window_decode_in_place(const based_window_call *c) {
+    return c->k_cache.strides[2] == 1 && (c->v_cache.strides[3] == 1 || c->head_dim == 1);
+}
+
+/* A decode step read in place: each (b, kv head) stores its new key and value and
+ * attends; tokens grow by one. Static schedule: each thread streams a contiguous run of
+ * the cache. */
+static void window_decode(const based_window_call *c) {
+    const window_kernels *kern = window_kernels_pick();
+    const window_decode_fn item_fn = c->q.dtype == BASED_DTYPE_FLOAT64 ? kern->decode_f64 : kern->decode_f32;
+    const int64_t pairs = c->batch * c->kv_heads;
+    const int64_t bytes = pairs * c->window * c->head_dim * c->k.itemsize * 2;
+    const int nthreads = bytes < WINDOW_PARALLEL_MIN_BYTES ? 1 : based_threads_for(pairs);
+    if (nthreads == 1) {
+        for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
+    } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
+    }
+    for (int64_t b = 0; b < c->batch; b++) ((int64_t *)c->tokens.data)[b * c->tokens.strides[0]] += 1;
+}
 
 /* n elements of one dtype from src to dst (element strides), bit for bit. */
 static void copy_row(char *dst, int64_t dst_stride, const char *src, int64_t src_stride, int64_t n, int itemsize) {
@@ -270,6 +539,7 @@ static void window_update_cache(const based_window_call *c) {
     const int64_t T = c->seqlen, W = c->window, D = c->head_dim;
     const int64_t first = T > W ? T - W : 0, pairs = c->batch * c->kv_heads;
     const int nthreads = based_threads_for(pairs * (T - first) * D / 4096);
+    (void)nthreads; /* only the pragma reads it: unused without OpenMP */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
         const int64_t b = bh / c->kv_heads, kh = bh % c->kv_heads, t0 = based_window_tokens(c, b);
@@ -284,12 +554,13 @@ static void window_update_cache(const based_window_call *c) {
     for (int64_t b = 0; b < c->batch; b++) ((int64_t *)c->tokens.data)[b * c->tokens.strides[0]] += T;
 }
 
-static based_status window_run(const based_window_call *c) {
+static based_status window_run(const based_window_call *c, int decode) {
     if (c->batch == 0 || c->seqlen == 0) return BASED_STATUS_OK;
-    if (c->heads > 0) {
-        if (c->q.dtype == BASED_DTYPE_FLOAT64) BASED_TRY(window_forward_f64(c));
-        else BASED_TRY(window_forward_f32(c));
+    if (decode && window_decode_in_place(c)) {
+        window_decode(c);
+        return BASED_STATUS_OK;
     }
+    if (c->heads > 0) BASED_TRY(window_forward(c));
     window_update_cache(c);
     return BASED_STATUS_OK;
 }
@@ -299,7 +570,7 @@ based_status based_sliding_window_prefill(const DLTensor *q, const DLTensor *k, 
                                           const based_sliding_window_params *params) {
     based_window_call c;
     BASED_TRY(based_window_check(&c, q, k, v, k_cache, v_cache, tokens, out, params, 0, "sliding_window_prefill"));
-    return window_run(&c);
+    return window_run(&c, 0);
 }
 
 based_status based_sliding_window_decode(const DLTensor *q, const DLTensor *k, const DLTensor *v,
@@ -307,5 +578,5 @@ based_status based_sliding_window_decode(const DLTensor *q, const DLTensor *k, c
                                          const based_sliding_window_params *params) {
     based_window_call c;
     BASED_TRY(based_window_check(&c, q, k, v, k_cache, v_cache, tokens, out, params, 1, "sliding_window_decode"));
-    return window_run(&c);
+    return window_run(&c, 1);
 }

@@ -37,6 +37,10 @@ based_status based_window_check(based_window_call *c, const DLTensor *q, const D
                                 const DLTensor *out, const based_sliding_window_params *params, int decode,
                                 const char *op);
 
+/* Name of the kernels this CPU runs ("avx512", "avx2" or "generic"): picked once, at the
+ * first call, from the CPU and BASED_CPU_ISA. */
+const char *based_window_kernel_isa(void);
+
 /* tokens[b] of a checked call. */
 static inline int64_t based_window_tokens(const based_window_call *c, int64_t b) {
     return ((const int64_t *)c->tokens.data)[b * c->tokens.strides[0]];

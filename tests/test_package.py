@@ -36,7 +36,9 @@ def test_cli_help_and_info():
 
 
 def test_build_info_names_the_cpu_kernels():
-    assert based.build_info()["cpu_kernels"] in ("avx2+fma", "generic")
+    kernels = based.build_info()["cpu_kernels"]
+    assert kernels["linear_attention"] in ("avx2+fma", "generic")
+    assert kernels["sliding_window"] in ("avx512", "avx2", "generic")
 
 
 def test_unknown_cpu_isa_is_refused_and_generic_is_honoured():
@@ -46,9 +48,12 @@ def test_unknown_cpu_isa_is_refused_and_generic_is_honoured():
     r = subprocess.run([sys.executable, "-c", "import based"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "BASED_CPU_ISA='avx9000' is not understood" in r.stderr
     env["BASED_CPU_ISA"] = "generic"
-    r = subprocess.run([sys.executable, "-c", "import based; print(based.build_info()['cpu_kernels'])"],
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "generic"
+    show = "import based; k = based.build_info()['cpu_kernels']; print(k['linear_attention'], k['sliding_window'])"
+    r = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["generic", "generic"], r.stderr
+    env["BASED_CPU_ISA"] = "avx2"
+    r = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[1] in ("avx2", "generic"), r.stderr
 
 
 def test_cli_survives_a_closed_pipe():

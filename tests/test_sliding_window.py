@@ -365,6 +365,45 @@ def test_thread_count_does_not_change_bits(tmp_path):
     assert np.load(tmp_path / "o.npy").tobytes() == out.tobytes()
 
 
+_ISA_SCRIPT = r"""
+import sys
+import numpy as np
+import based
+z = np.load(sys.argv[1])
+res = {}
+for dtype in ("float32", "float64", "float16"):
+    q, k, v = (z[n].astype(dtype) for n in "qkv")
+    o, cache = based.sliding_window_prefill(q[:, :-1], k[:, :-1], v[:, :-1], window=70)
+    o1 = based.sliding_window_decode(q[:, -1], k[:, -1], v[:, -1], cache)
+    res[dtype] = o
+    res[dtype + "_decode"] = o1
+np.savez(sys.argv[2], **res)
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_cpu_kernel_variant_gives_the_same_bits(tmp_path, isa):
+    """BASED_CPU_ISA caps the kernels picked at run time (AVX-512, AVX2, baseline x86-64):
+    each variant computes the same arithmetic in the same order, so prefill and decode
+    outputs agree bit for bit with the default pick (head_dim 33: a partial vector)."""
+    rng = np.random.default_rng(16)
+    shapes = ((2, 301, 4, 33), (2, 301, 2, 33), (2, 301, 2, 33))
+    q, k, v = (rng.standard_normal(s) for s in shapes)
+    np.savez(tmp_path / "in.npz", q=q, k=k, v=v)
+    env = {**os.environ, "BASED_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "isa.npz")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "default.npz")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    capped, default = np.load(tmp_path / "isa.npz"), np.load(tmp_path / "default.npz")
+    assert sorted(capped.files) == sorted(default.files)
+    for name in default.files:
+        assert np.isfinite(default[name].astype(np.float64)).all(), name
+        assert capped[name].tobytes() == default[name].tobytes(), f"{name}: {isa} differs from the default kernels"
+
+
 def test_memory_stays_fixed_over_a_long_decode():
     B, H, D, W = 2, 2, 4, 3
     rng = np.random.default_rng(16)

@@ -4,6 +4,7 @@
  * (k_cache, v_cache, tokens) here; based/sliding_window.py bundles them.
  */
 #include "pybased.h"
+#include "../sliding_window.h"
 
 #define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
 
@@ -49,7 +50,13 @@ static PyObject *py_decode_ref(PyObject *m, PyObject *const *args, Py_ssize_t na
 
 #define WINDOW_ARGS "(q, k, v, k_cache, v_cache, tokens, out, window, scale, /)\n--\n\n"
 
+static PyObject *py_kernel_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return PyUnicode_FromString(based_window_kernel_isa());
+}
+
 PyMethodDef based_window_methods[] = {
+    {"window_kernel_isa", (PyCFunction)py_kernel_isa, METH_NOARGS,
+     "window_kernel_isa()\n--\n\nThe CPU kernels sliding-window attention runs: 'avx512', 'avx2' or 'generic'."},
     {"sliding_window_prefill", FASTCALL(py_prefill), METH_FASTCALL,
      "sliding_window_prefill" WINDOW_ARGS "Prefill into out, continuing and updating the ring cache in place."},
     {"sliding_window_decode", FASTCALL(py_decode), METH_FASTCALL,
