@@ -199,28 +199,40 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
 /* helpers of the kernels: inlined, so each instantiation compiles them for its own ISA */
 #define BASED_WINDOW_INLINE static inline __attribute__((always_inline))
 
+/* The steps of window_exp_f32, shared with its vector form in sliding_window_kernel.h
+ * (FN(vexp)): both must do the same operations to give the same bits. x is clamped to
+ * WINDOW_EXP_LO first; n = round(x / ln2) by the 1.5 * 2^23 trick; r = x - n ln2;
+ * WINDOW_EXP_POLY(p, r) turns p = 1/5040 into exp(r) by Horner's rule. */
+#define WINDOW_EXP_LO (-87.33654f)
+#define WINDOW_EXP_ROUND(x) (((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f)
+#define WINDOW_EXP_REDUCE(x, n) (((x) - (n) * 0.693359375f) - (n) * -2.12194440e-4f)
+#define WINDOW_EXP_POLY(p, r)                                                                              \
+    do {                                                                                                   \
+        p = p * (r) + 1.0f / 720.0f;                                                                       \
+        p = p * (r) + 1.0f / 120.0f;                                                                       \
+        p = p * (r) + 1.0f / 24.0f;                                                                        \
+        p = p * (r) + 1.0f / 6.0f;                                                                         \
+        p = p * (r) + 0.5f;                                                                                \
+        p = p * (r) + 1.0f;                                                                                \
+        p = p * (r) + 1.0f;                                                                                \
+    } while (0)
+
 /* exp(x) for x <= 0 or NaN in float32, in a form the compiler vectorises (libm's expf is
  * a scalar call): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by
  * its Taylor polynomial to r^7 (truncation < 0.05 ulp), 2^n built from exponent bits.
  * Measured max error 0.86 ulp over [-87.3, 0]; exp(0) == 1 exactly; results below
  * FLT_MIN (x < ln FLT_MIN) flush to 0; -inf gives 0, NaN gives NaN. */
 static inline float window_exp_f32(float x) {
-    const float xc = x > -87.33654f ? x : -87.33654f; /* NaN -> the bound: no out-of-range int conversion */
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2), 1.5 * 2^23 */
-    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    const float xc = x > WINDOW_EXP_LO ? x : WINDOW_EXP_LO; /* NaN -> the bound: no out-of-range int conversion */
+    const float n = WINDOW_EXP_ROUND(xc);
+    const float r = WINDOW_EXP_REDUCE(xc, n);
     float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    WINDOW_EXP_POLY(p, r);
     const int32_t bits = ((int32_t)n + 127) * (1 << 23);
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
     const float e = p * two_n;
-    return x > -87.33654f ? e : (x == x ? 0.0f : x);
+    return x > WINDOW_EXP_LO ? e : (x == x ? 0.0f : x);
 }
 
 /* bfloat16 and float16 bit patterns to float32 (the values of based_bf16_to_f32 and
@@ -286,12 +298,6 @@ typedef struct {
 #define DV1 8
 #define FN(name) CAT(name, _f32_avx512)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2")
@@ -302,12 +308,6 @@ typedef struct {
 #define DV1 6
 #define FN(name) CAT(name, _f32_avx2)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #pragma GCC pop_options
 #endif
 #define VL 4
@@ -317,12 +317,6 @@ typedef struct {
 #define DV1 6
 #define FN(name) CAT(name, _f32_generic)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #undef REAL
 #undef IREAL
 #undef NATIVE
@@ -350,12 +344,6 @@ typedef struct {
 #define DV1 8
 #define FN(name) CAT(name, _f64_avx512)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2")
@@ -366,12 +354,6 @@ typedef struct {
 #define DV1 6
 #define FN(name) CAT(name, _f64_avx2)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #pragma GCC pop_options
 #endif
 #define VL 2
@@ -381,12 +363,6 @@ typedef struct {
 #define DV1 6
 #define FN(name) CAT(name, _f64_generic)
 #include "sliding_window_kernel.h"
-#undef VL
-#undef NV4
-#undef NV1
-#undef DV4
-#undef DV1
-#undef FN
 #undef REAL
 #undef IREAL
 #undef NATIVE

@@ -14,6 +14,8 @@
  *               (the softmax step then runs in vectors, window_exp_f32 lane by lane)
  *   FN(name)    name with the type and instruction-set suffix
  *
+ * VL, NV4, NV1, DV4, DV1 and FN are #undef'd at the end, ready for the next instantiation.
+ *
  * A row is one (query position, query head). Every path computes a row with the
  * arithmetic spelled out in sliding_window.c (key blocks aligned to absolute positions,
  * scores summed over the head dim in order, per-block online softmax, weights summed in
@@ -342,19 +344,13 @@ BASED_WINDOW_INLINE VEC FN(vselect)(FN(ivec) mask, VEC a, VEC b) {
 
 /* window_exp_f32, lane by lane (the same operations, so the same bits) */
 BASED_WINDOW_INLINE VEC FN(vexp)(VEC x) {
-    const VEC lo = (VEC){0} - 87.33654f;
+    const VEC lo = (VEC){0} + WINDOW_EXP_LO;
     const FN(ivec) in_range = x > lo;
     const VEC xc = FN(vselect)(in_range, x, lo);
-    const VEC n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const VEC r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    const VEC n = WINDOW_EXP_ROUND(xc);
+    const VEC r = WINDOW_EXP_REDUCE(xc, n);
     VEC p = (VEC){0} + 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    WINDOW_EXP_POLY(p, r);
     const FN(ivec) bits = (__builtin_convertvector(n, FN(ivec)) + 127) * (1 << 23);
     const VEC e = p * (VEC)bits;
     return FN(vselect)(in_range, e, FN(vselect)(x == x, (VEC){0}, x));
@@ -813,3 +809,9 @@ static void FN(window_prefill_item)(const based_window_call *c, const window_scr
 }
 
 #undef VEC
+#undef VL
+#undef NV4
+#undef NV1
+#undef DV4
+#undef DV1
+#undef FN
