@@ -8,6 +8,8 @@ returning any DLPack array without copies. SPEC.md is the contract.
 
 import os as _os
 
+import numpy as _np
+
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
@@ -16,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
         "source checkout, build it in place with `pip install -e .` (or import based from another "
         "directory after `pip install .`)."
     ) from exc
+from . import _arrays
 from ._arrays import parse_device as _parse_device
 from .feature_map import feature_dim, taylor_feature_map
 from .linear_attention import LinearAttentionState, linear_attention_decode, linear_attention_prefill
@@ -61,7 +64,7 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
 
     Args:
         shape: sequence of non-negative ints.
-        dtype: 'float32', 'float64', 'float16', 'bfloat16' or 'int64'.
+        dtype: 'float32', 'float64', 'float16', 'bfloat16' or 'int64' (or the numpy/torch dtype).
         device: 'cpu', 'cuda' or 'cuda:N' (CUDA needs a CUDA build and a GPU).
 
     Returns:
@@ -72,9 +75,12 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
         allocation-time cost, never paid by the ops).
 
     Raises:
-        TypeError: unknown dtype. ValueError: bad shape or device.
-        NotImplementedError: a CUDA device in a build without CUDA. MemoryError.
+        TypeError: unknown dtype. ValueError: bad shape, or a device that is not there (e.g.
+        'cuda' on a machine without a GPU or driver). NotImplementedError: a CUDA device in a
+        build without CUDA. MemoryError.
     """
+    if not isinstance(dtype, str):
+        dtype = _arrays.torch_dtype_name(dtype) if type(dtype).__module__ == "torch" else _np.dtype(dtype).name
     return _C.zeros(tuple(int(s) for s in shape), dtype, *_parse_device(device))
 
 

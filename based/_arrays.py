@@ -72,7 +72,7 @@ def require_no_grad(x: Any, name: str) -> None:
     if is_torch(x) and x.requires_grad:
         raise TypeError(
             f"{name} requires grad, but based kernels have no backward pass yet; pass {name}.detach() "
-            "or call under torch.no_grad()"
+            "(torch.no_grad() does not clear a tensor's requires_grad)"
         )
 
 

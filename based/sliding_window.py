@@ -167,6 +167,30 @@ def _inputs(q, k, v, q_layout: str, kv_layout: str):
     return infos
 
 
+def _check_cache_fits(cache, qi, ki, vi) -> None:
+    """Name a cache/input mismatch in the user's terms (batch, kv heads, head dim, dtype)
+    before the C core reports it against its internal k_cache/v_cache arguments. qi, ki, vi:
+    ArrayInfo of q, k, v. Only inputs that agree among themselves are compared with the
+    cache: a disagreement between q, k and v is reported by the C core, naming them."""
+    shapes = (qi.shape, ki.shape, vi.shape)
+    if len({len(s) for s in shapes}) != 1 or len(qi.shape) not in (3, 4):
+        return
+    if len({s[0] for s in shapes}) != 1 or len({s[-1] for s in shapes}) != 1 or ki.shape[:-1] != vi.shape[:-1]:
+        return
+    if not 1 <= qi.shape[-1] <= MAX_HEAD_DIM or ki.shape[-2] < 1 or qi.shape[-2] % ki.shape[-2]:
+        return
+    checks = (("batch", cache.batch, ki.shape[0]), ("kv heads (Hkv)", cache.kv_heads, ki.shape[-2]),
+              ("head dim (D)", cache.head_dim, ki.shape[-1]))
+    for what, have, got in checks:
+        if int(got) != have:
+            raise ValueError(f"the cache was built for {what} = {have}, but k and v have {what} = {int(got)} "
+                             f"(cache: {cache!r})")
+    held = _dtype_name(cache.k)
+    if qi.dtype == ki.dtype == vi.dtype and ki.dtype in _arrays.FLOAT_DTYPES and ki.dtype != held:
+        raise TypeError(f"the cache holds {held} keys and values, but q, k and v are {ki.dtype}; the cache takes "
+                        f"their dtype (make it with dtype={ki.dtype!r}, or like=k)")
+
+
 def _require_cache(cache):
     if not isinstance(cache, SlidingWindowCache):
         raise TypeError(f"cache must be a based.SlidingWindowCache, got {type(cache).__name__}")
@@ -220,6 +244,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
                                          like=q, device=qi.device)
     else:
         _require_cache(cache)
+        _check_cache_fits(cache, qi, ki, vi)
         if window is not None:
             _args.same_setting("window", _args.as_int(window, "window", 1), cache.window, "cache")
         if scale is not None:
@@ -255,7 +280,8 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
     _require_cache(cache)
     cache._require_writable()
     _arrays.require_no_grad(out, "out")
-    qi, _, vi = _inputs(q, k, v, "(B, H, D)", "(B, Hkv, D)")
+    qi, ki, vi = _inputs(q, k, v, "(B, H, D)", "(B, Hkv, D)")
+    _check_cache_fits(cache, qi, ki, vi)
     if out is None:
         out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)
     _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)

@@ -206,6 +206,49 @@ def test_buffer_numpy_zero_copy_and_writes_both_ways():
     assert buf.data_ptr % 256 == 0
 
 
+def test_buffer_reads_as_numpy_through_asarray():
+    """numpy.asarray(buf) views the memory (no 0-d object array); dtype= converts; tolist() reads."""
+    buf = based.zeros((2, 3), "float32")
+    a = np.asarray(buf)
+    assert a.dtype == np.float32 and a.shape == (2, 3) and a.ctypes.data == buf.data_ptr
+    a[1, 2] = 7.0
+    assert np.asarray(buf)[1, 2] == 7.0
+    assert buf.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 7.0]]
+    c = np.asarray(buf, dtype=np.float64)
+    assert c.dtype == np.float64 and c[1, 2] == 7.0 and c.ctypes.data != buf.data_ptr
+    copied = np.array(buf)                            # np.array copies by default
+    copied[0, 0] = 1.0
+    assert np.asarray(buf)[0, 0] == 0.0
+    with pytest.raises(ValueError):                   # a conversion cannot be zero-copy
+        np.asarray(buf, dtype=np.float64, copy=False)
+    tokens = based.LinearAttentionState.zeros(2, 1, 4, 3).tokens   # no like=: Buffers
+    assert isinstance(tokens, based.Buffer) and tokens.tolist() == [0, 0]
+    with pytest.raises(TypeError, match="bfloat16.*torch.from_dlpack"):
+        np.asarray(based.zeros((2,), "bfloat16"))
+
+
+def test_zeros_takes_numpy_and_torch_dtypes():
+    assert based.zeros((2,), np.float64).dtype == "float64"
+    assert based.zeros((2,), np.dtype("int64")).dtype == "int64"
+    torch = pytest.importorskip("torch")
+    assert based.zeros((2,), torch.bfloat16).dtype == "bfloat16"
+    with pytest.raises(TypeError, match="dtype"):
+        based.zeros((2,), "int8")
+
+
+def test_cuda_allocation_without_a_device_is_a_clear_error():
+    if based.cuda_available():
+        pytest.skip("a CUDA device is usable here")
+    if based.build_info()["cuda"]:
+        with pytest.raises(ValueError, match=r"device cuda:0: this machine has no usable CUDA device"):
+            based.zeros((2, 2), "float32", device="cuda")
+        with pytest.raises(ValueError, match=r"no usable CUDA device"):
+            based.LinearAttentionState.zeros(1, 1, 4, 3, device="cuda")
+    else:
+        with pytest.raises(NotImplementedError, match="built without CUDA"):
+            based.zeros((2, 2), "float32", device="cuda")
+
+
 @requires_torch
 def test_buffer_torch_zero_copy_and_writes_both_ways():
     buf = based.zeros((2, 5), "bfloat16")
@@ -444,3 +487,9 @@ def test_state_copy_between_differently_strided_views_of_one_buffer_is_refused()
 def test_int64_arguments_name_int64_when_given_another_dtype():
     with pytest.raises(TypeError, match=r"int64 for token counts and batch indices"):
         _C.state_zero(np.zeros((2, 3), np.float32), np.array([0], np.int32))
+
+
+@pytest.mark.skipif(not based.cuda_available(), reason="needs a CUDA build of based and a GPU")
+def test_cuda_allocation_on_a_missing_device_names_the_devices_there():
+    with pytest.raises(ValueError, match=r"device cuda:99: this machine has \d+ CUDA device"):
+        based.zeros((2, 2), "float32", device="cuda:99")

@@ -53,6 +53,19 @@ static based_storage *storage_new(size_t nbytes, DLDevice device, const void *co
         else memset(s->ptr, 0, nbytes);
     } else {
 #ifdef BASED_WITH_CUDA
+        const int count = based_cuda_runtime_device_count();
+        if (device.device_id < 0 || device.device_id >= count) {
+            free(s);
+            if (count == 0)
+                PyErr_Format(PyExc_ValueError,
+                             "device cuda:%d: this machine has no usable CUDA device (no GPU, or no CUDA driver; "
+                             "based.cuda_available() is False); use device='cpu'",
+                             (int)device.device_id);
+            else
+                PyErr_Format(PyExc_ValueError, "device cuda:%d: this machine has %d CUDA device%s (cuda:0..cuda:%d)",
+                             (int)device.device_id, count, count == 1 ? "" : "s", count - 1);
+            return NULL;
+        }
         int err = based_cuda_runtime_malloc_zeroed(&s->ptr, nbytes ? nbytes : 256, (int)device.device_id);
         if (err == 0 && copy_from)
             err = based_cuda_runtime_memcpy(s->ptr, copy_from, nbytes, (int)device.device_id);
@@ -399,7 +412,80 @@ static PyObject *buffer_repr(BufferObject *self) {
     return r;
 }
 
+/* numpy.asarray(buf) and friends: numpy.from_dlpack(buf), zero-copy, converted only when a
+ * dtype is asked for. Without this, numpy would wrap the Buffer in a 0-d object array. */
+static PyObject *buffer_array(BufferObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const kwlist[] = {"dtype", "copy", NULL};
+    PyObject *dtype = Py_None, *copy = Py_None;
+    const Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "__array__ takes at most 2 arguments (dtype, copy)");
+        return NULL;
+    }
+    if (nargs > 0) dtype = args[0];
+    if (nargs > 1) copy = args[1];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(key, kwlist[0]) == 0)
+            dtype = args[nargs + i];
+        else if (PyUnicode_CompareWithASCIIString(key, kwlist[1]) == 0)
+            copy = args[nargs + i];
+        else {
+            PyErr_Format(PyExc_TypeError, "__array__ got an unexpected keyword argument %R", key);
+            return NULL;
+        }
+    }
+    if (self->tensor.device.device_type != kDLCPU) {
+        PyErr_Format(PyExc_TypeError,
+                     "this based.Buffer lives on cuda:%d; NumPy reads host memory only (copy it with "
+                     "torch.from_dlpack(buf).cpu() or cupy.from_dlpack(buf).get())",
+                     (int)self->tensor.device.device_id);
+        return NULL;
+    }
+    if (self->tensor.dtype.code == kDLBfloat) {
+        PyErr_SetString(PyExc_TypeError,
+                        "this based.Buffer holds bfloat16, which NumPy has no dtype for; view it with "
+                        "torch.from_dlpack(buf) (or create the state with like=<a torch tensor>)");
+        return NULL;
+    }
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (np == NULL) return NULL;
+    PyObject *arr = PyObject_CallMethod(np, "from_dlpack", "O", (PyObject *)self);
+    if (arr != NULL && (dtype != Py_None || copy != Py_None)) {
+        /* copy= only when given: NumPy 1.x's asarray has no such keyword */
+        PyObject *kw = copy == Py_None ? Py_BuildValue("{s:O}", "dtype", dtype)
+                                       : Py_BuildValue("{s:O,s:O}", "dtype", dtype, "copy", copy);
+        PyObject *conv = NULL;
+        if (kw != NULL) {
+            PyObject *asarray = PyObject_GetAttrString(np, "asarray");
+            PyObject *pos = asarray == NULL ? NULL : PyTuple_Pack(1, arr);
+            if (pos != NULL) conv = PyObject_Call(asarray, pos, kw);
+            Py_XDECREF(pos);
+            Py_XDECREF(asarray);
+            Py_DECREF(kw);
+        }
+        Py_SETREF(arr, conv);
+    }
+    Py_DECREF(np);
+    return arr;
+}
+
+static PyObject *buffer_tolist(BufferObject *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *arr = buffer_array(self, NULL, 0, NULL);
+    if (arr == NULL) return NULL;
+    PyObject *list = PyObject_CallMethod(arr, "tolist", NULL);
+    Py_DECREF(arr);
+    return list;
+}
+
 static PyMethodDef buffer_methods[] = {
+    {"__array__", (PyCFunction)(void (*)(void))buffer_array, METH_FASTCALL | METH_KEYWORDS,
+     "__array__($self, /, dtype=None, copy=None)\n--\n\n"
+     "The buffer as a NumPy array (numpy.asarray(buf)): a zero-copy view of host memory,\n"
+     "converted to dtype if given. TypeError for CUDA buffers and bfloat16 (NumPy has no\n"
+     "bfloat16; use torch.from_dlpack(buf))."},
+    {"tolist", (PyCFunction)buffer_tolist, METH_NOARGS,
+     "tolist($self, /)\n--\n\nThe values as nested Python lists (host buffers; not bfloat16)."},
     {"__dlpack__", (PyCFunction)(void (*)(void))buffer_dlpack, METH_FASTCALL | METH_KEYWORDS,
      "__dlpack__($self, /, *, stream=None, max_version=None, dl_device=None, copy=None)\n--\n\n"
      "Export the buffer as a DLPack capsule (versioned when max_version >= (1, 0)), without a copy\n"
