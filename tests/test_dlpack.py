@@ -490,6 +490,9 @@ def test_int64_arguments_name_int64_when_given_another_dtype():
 
 
 @pytest.mark.skipif(not based.cuda_available(), reason="needs a CUDA build of based and a GPU")
-def test_cuda_allocation_on_a_missing_device_names_the_devices_there():
+def test_cuda_buffers_name_the_devices_there_and_refuse_numpy():
     with pytest.raises(ValueError, match=r"device cuda:99: this machine has \d+ CUDA device"):
         based.zeros((2, 2), "float32", device="cuda:99")
+    buf = based.zeros((2, 2), "float32", device="cuda")
+    with pytest.raises(TypeError, match="lives on cuda:0; NumPy reads host memory only"):
+        np.asarray(buf)
