@@ -27,29 +27,21 @@ with other jobs the best is the least disturbed.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import math
 import os
 import sys
 from pathlib import Path
 
-PARSER = argparse.ArgumentParser(description="Sliding-window attention on the CPU: based vs PyTorch.")
-PARSER.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-PARSER.add_argument("--rounds", type=int, default=3,
-                    help="repeat every measurement this many times, keep the best (default 3)")
-PARSER.add_argument("--threads", type=int, default=0,
-                    help="threads for based (OpenMP) and torch; default all cores (set before OpenMP loads)")
-ARGS = PARSER.parse_args()
-if ARGS.threads:
-    os.environ["OMP_NUM_THREADS"] = str(ARGS.threads)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (bench_args, fma_peak_gflops, machine_summary, markdown_table,  # noqa: E402
+                    merge_best, stream_seconds, timeit, timeit_each)
+
+ARGS = bench_args("Sliding-window attention on the CPU: based vs PyTorch.",
+                  "small sizes, for a smoke test")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (fma_peak_gflops, machine_summary, markdown_table, merge_best, stream_seconds,  # noqa: E402
-                    timeit, timeit_each)
 
 import based  # noqa: E402
 from based import _C  # noqa: E402

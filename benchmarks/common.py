@@ -8,6 +8,7 @@ same run rather than absolute numbers across runs.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import platform
@@ -23,6 +24,22 @@ from typing import Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+
+
+def bench_args(description: str, quick_help: str) -> argparse.Namespace:
+    """The options every CPU benchmark takes (--quick, --rounds, --threads). Call it before
+    importing torch or based: --threads is applied through OMP_NUM_THREADS, which OpenMP
+    reads once, when it loads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat every measurement this many times, keep the best (default 3)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for based (OpenMP) and torch; default all cores (set before OpenMP loads)")
+    args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    return args
 
 
 def timeit(fn: Callable[[], object], *, repeat: int = 7, min_time: float = 0.05, warmup: int = 1) -> dict:
