@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-
 from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
