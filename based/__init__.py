@@ -8,8 +8,6 @@ returning any DLPack array without copies. SPEC.md is the contract.
 
 import os as _os
 
-import numpy as _np
-
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - depends on how the package was installed
@@ -18,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
         "source checkout, build it in place with `pip install -e .` (or import based from another "
         "directory after `pip install .`)."
     ) from exc
-from . import _arrays
+from . import _args, _arrays
 from ._arrays import parse_device as _parse_device
 from .feature_map import feature_dim, taylor_feature_map
 from .linear_attention import LinearAttentionState, linear_attention_decode, linear_attention_prefill
@@ -79,8 +77,7 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
         'cuda' on a machine without a GPU or driver). NotImplementedError: a CUDA device in a
         build without CUDA. MemoryError.
     """
-    if not isinstance(dtype, str):
-        dtype = _arrays.torch_dtype_name(dtype) if type(dtype).__module__ == "torch" else _np.dtype(dtype).name
+    dtype = _args.as_dtype(dtype, allowed=_arrays.FLOAT_DTYPES + ("int64",))
     return _C.zeros(tuple(int(s) for s in shape), dtype, *_parse_device(device))
 
 

@@ -45,8 +45,9 @@ def as_flag(value, name: str) -> bool:
     raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def as_dtype(dtype, name: str = "dtype") -> str:
-    """A float dtype given as a name, a numpy dtype or a torch dtype, as its name."""
+def as_dtype(dtype, name: str = "dtype", allowed: tuple[str, ...] = _arrays.FLOAT_DTYPES) -> str:
+    """A dtype in ``allowed`` (default: the float ones) given as a name, a numpy dtype or a
+    torch dtype, as its name."""
     if isinstance(dtype, str):
         text = dtype
     elif type(dtype).__module__ == "torch":
@@ -56,8 +57,8 @@ def as_dtype(dtype, name: str = "dtype") -> str:
             text = np.dtype(dtype).name
         except TypeError:
             text = str(dtype)
-    if text not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got {text}")
+    if text not in allowed:
+        raise TypeError(f"{name} must be one of {', '.join(allowed)}, got {text}")
     return text
 
 

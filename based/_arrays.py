@@ -68,6 +68,18 @@ def require_float(i: ArrayInfo, name: str) -> None:
         raise TypeError(f"{name} must have dtype one of {', '.join(FLOAT_DTYPES)}, got {i.dtype}")
 
 
+def float_input(x: Any, name: str, layout: str) -> ArrayInfo:
+    """ArrayInfo of an op's input after the checks the Python layer makes before it
+    allocates: not requiring grad, a float dtype, and as many dims as ``layout`` (e.g.
+    "(B, T, H, D)") names. Exact sizes are the C core's to check."""
+    require_no_grad(x, name)
+    i = info(x, name)
+    require_float(i, name)
+    if len(i.shape) != layout.count(",") + 1:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(i.shape)}")
+    return i
+
+
 def require_no_grad(x: Any, name: str) -> None:
     if is_torch(x) and x.requires_grad:
         raise TypeError(

@@ -155,6 +155,16 @@ class RecurrentState:
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _require_fits(self, checks, inputs: str) -> None:
+        """Name a mismatch between this state and a call's inputs in the user's terms, before
+        the C core reports it as the shape of one of the state's tensors. checks: (what,
+        the state's value, the inputs' value) triples; inputs: what holds the latter."""
+        owner = "cache" if type(self).__name__.endswith("Cache") else "state"
+        for what, have, got in checks:
+            if int(got) != have:
+                raise ValueError(f"the {owner} was built for {what} = {have}, but {inputs} have {what} = {int(got)} "
+                                 f"({owner}: {self!r})")
+
     def _require_writable(self) -> None:
         """Kernels write the state in place: torch tensors that require grad are refused
         (torch's own __dlpack__ refuses them; the fast import path must too)."""

@@ -230,12 +230,9 @@ def _check_state_fits(state: LinearAttentionState, q, v, ndim: int) -> None:
     qs, vs = getattr(q, "shape", None), getattr(v, "shape", None)
     if qs is None or vs is None or len(qs) != ndim or len(vs) != ndim:
         return
-    checks = (("Dk (q's last dim)", state.feature_dim, qs[-1]), ("heads", state.heads, qs[-2]),
-              ("Dv (v's last dim)", state.value_dim, vs[-1]), ("batch", state.batch, qs[0]))
-    for what, have, got in checks:
-        if int(got) != have:
-            raise ValueError(f"the state was built for {what} = {have}, but the inputs have {what} = {int(got)} "
-                             f"(state: {state!r})")
+    state._require_fits((("Dk (q's last dim)", state.feature_dim, qs[-1]), ("heads", state.heads, qs[-2]),
+                         ("Dv (v's last dim)", state.value_dim, vs[-1]), ("batch", state.batch, qs[0])),
+                        "the inputs")
 
 
 def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None):
@@ -274,18 +271,11 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
             settings (scale, eps), a read-only out or state. Nothing is written then.
         NotImplementedError: CUDA arrays (no CUDA kernel in this build yet).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _arrays.require_no_grad(x, name)
-    qi = _arrays.info(q, "q")
-    _arrays.require_float(qi, "q")
-    if len(qi.shape) != 4:
-        raise ValueError(f"q must have shape (B, T, H, Dk), got {tuple(qi.shape)}")
+    qi = _arrays.float_input(q, "q", "(B, T, H, Dk)")
+    _arrays.require_no_grad(k, "k")
+    vi = _arrays.float_input(v, "v", "(B, T, H, Dv)")
     if not 1 <= qi.shape[3] <= MAX_FEATURE_DIM:
         raise ValueError(f"q must have a feature dim Dk in 1..{MAX_FEATURE_DIM}, got Dk={qi.shape[3]}")
-    vi = _arrays.info(v, "v")
-    _arrays.require_float(vi, "v")
-    if len(vi.shape) != 4:
-        raise ValueError(f"v must have shape (B, T, H, Dv), got {tuple(vi.shape)}")
     if state is None:
         b, _, h, dk = qi.shape
         state = LinearAttentionState.zeros(b, h, dk, max(int(vi.shape[3]), 1), scale=scale, like=q,
@@ -332,10 +322,7 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
     normalize = _args.as_flag(normalize, "normalize")
     _arrays.require_no_grad(out, "out")
     if out is None:
-        vi = _arrays.info(v, "v")
-        _arrays.require_float(vi, "v")
-        if len(vi.shape) != 3:
-            raise ValueError(f"v must have shape (B, H, Dv), got {tuple(vi.shape)}")
+        vi = _arrays.float_input(v, "v", "(B, H, Dv)")
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps)
     return out

@@ -156,15 +156,8 @@ class SlidingWindowCache(RecurrentState):
 
 def _inputs(q, k, v, q_layout: str, kv_layout: str):
     """ArrayInfo of q, k, v after the checks the Python layer needs before allocating."""
-    infos = []
-    for name, x, layout in (("q", q, q_layout), ("k", k, kv_layout), ("v", v, kv_layout)):
-        _arrays.require_no_grad(x, name)
-        i = _arrays.info(x, name)
-        _arrays.require_float(i, name)
-        if len(i.shape) != layout.count(",") + 1:
-            raise ValueError(f"{name} must have shape {layout}, got {tuple(i.shape)}")
-        infos.append(i)
-    return infos
+    return (_arrays.float_input(q, "q", q_layout), _arrays.float_input(k, "k", kv_layout),
+            _arrays.float_input(v, "v", kv_layout))
 
 
 def _check_cache_fits(cache, qi, ki, vi) -> None:
@@ -179,12 +172,8 @@ def _check_cache_fits(cache, qi, ki, vi) -> None:
         return
     if not 1 <= qi.shape[-1] <= MAX_HEAD_DIM or ki.shape[-2] < 1 or qi.shape[-2] % ki.shape[-2]:
         return
-    checks = (("batch", cache.batch, ki.shape[0]), ("kv heads (Hkv)", cache.kv_heads, ki.shape[-2]),
-              ("head dim (D)", cache.head_dim, ki.shape[-1]))
-    for what, have, got in checks:
-        if int(got) != have:
-            raise ValueError(f"the cache was built for {what} = {have}, but k and v have {what} = {int(got)} "
-                             f"(cache: {cache!r})")
+    cache._require_fits((("batch", cache.batch, ki.shape[0]), ("kv heads (Hkv)", cache.kv_heads, ki.shape[-2]),
+                         ("head dim (D)", cache.head_dim, ki.shape[-1])), "k and v")
     held = _dtype_name(cache.k)
     if qi.dtype == ki.dtype == vi.dtype and ki.dtype in _arrays.FLOAT_DTYPES and ki.dtype != held:
         raise TypeError(f"the cache holds {held} keys and values, but q, k and v are {ki.dtype}; the cache takes "
