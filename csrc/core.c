@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -79,6 +80,13 @@ int based_max_threads(void) {
 #else
     return 1;
 #endif
+}
+
+based_isa_cap based_cpu_isa_cap(void) {
+    const char *want = getenv("BASED_CPU_ISA");
+    if (want != NULL && strcmp(want, "generic") == 0) return BASED_ISA_CAP_GENERIC;
+    if (want != NULL && strcmp(want, "avx2") == 0) return BASED_ISA_CAP_AVX2;
+    return BASED_ISA_CAP_NONE;
 }
 
 int based_threads_for(int64_t work) {

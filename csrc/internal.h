@@ -196,6 +196,12 @@ void based_scatter_f64(char *p, based_dtype dt, int64_t n, int64_t stride, const
 void *based_scratch_alloc(size_t nbytes);
 void based_scratch_free(void *p);
 
+/* The cap BASED_CPU_ISA puts on the CPU kernels an op picks at its first call:
+ * "generic" (the portable ones), "avx2" (no AVX-512), unset or anything else: none
+ * (based/__init__.py refuses other values at import). */
+typedef enum { BASED_ISA_CAP_NONE, BASED_ISA_CAP_AVX2, BASED_ISA_CAP_GENERIC } based_isa_cap;
+based_isa_cap based_cpu_isa_cap(void);
+
 /* Number of OpenMP threads a parallel region over `work` independent items should use. */
 int based_threads_for(int64_t work);
 

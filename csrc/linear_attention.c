@@ -34,8 +34,7 @@ based_linear_attention_params based_linear_attention_params_default(int64_t head
  * --------------------------------------------------------------------------------- */
 
 static const based_lin_kernels *pick_uncached(void) {
-    const char *want = getenv("BASED_CPU_ISA");
-    if (want != NULL && strcmp(want, "generic") == 0) return &based_lin_kernels_generic;
+    if (based_cpu_isa_cap() == BASED_ISA_CAP_GENERIC) return &based_lin_kernels_generic;
 #if BASED_LIN_HAVE_AVX2
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &based_lin_kernels_avx2;

@@ -394,12 +394,11 @@ static const window_kernels window_avx512 = WINDOW_KERNELS(avx512);
 /* The kernels for this CPU: AVX-512 where the CPU has it, else AVX2, else the baseline.
  * BASED_CPU_ISA=generic (or avx2) in the environment caps the choice (read once). */
 static const window_kernels *window_kernels_pick_uncached(void) {
-    const char *want = getenv("BASED_CPU_ISA");
-    if (want != NULL && strcmp(want, "generic") == 0) return &window_generic;
+    const based_isa_cap cap = based_cpu_isa_cap();
+    if (cap == BASED_ISA_CAP_GENERIC) return &window_generic;
 #if WINDOW_HAVE_X86
     __builtin_cpu_init();
-    const int cap_avx2 = want != NULL && strcmp(want, "avx2") == 0;
-    if (!cap_avx2 && __builtin_cpu_supports("avx512f")) return &window_avx512;
+    if (cap != BASED_ISA_CAP_AVX2 && __builtin_cpu_supports("avx512f")) return &window_avx512;
     if (__builtin_cpu_supports("avx2")) return &window_avx2;
 #endif
     return &window_generic;

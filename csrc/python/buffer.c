@@ -414,27 +414,9 @@ static PyObject *buffer_repr(BufferObject *self) {
 
 /* numpy.asarray(buf) and friends: numpy.from_dlpack(buf), zero-copy, converted only when a
  * dtype is asked for. Without this, numpy would wrap the Buffer in a 0-d object array. */
-static PyObject *buffer_array(BufferObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    static const char *const kwlist[] = {"dtype", "copy", NULL};
-    PyObject *dtype = Py_None, *copy = Py_None;
-    const Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
-    if (nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "__array__ takes at most 2 arguments (dtype, copy)");
-        return NULL;
-    }
-    if (nargs > 0) dtype = args[0];
-    if (nargs > 1) copy = args[1];
-    for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
-        if (PyUnicode_CompareWithASCIIString(key, kwlist[0]) == 0)
-            dtype = args[nargs + i];
-        else if (PyUnicode_CompareWithASCIIString(key, kwlist[1]) == 0)
-            copy = args[nargs + i];
-        else {
-            PyErr_Format(PyExc_TypeError, "__array__ got an unexpected keyword argument %R", key);
-            return NULL;
-        }
-    }
+/* numpy.from_dlpack(self): host memory and a dtype NumPy has, else a TypeError that says
+ * what to do instead. */
+static PyObject *host_array(BufferObject *self) {
     if (self->tensor.device.device_type != kDLCPU) {
         PyErr_Format(PyExc_TypeError,
                      "this based.Buffer lives on cuda:%d; NumPy reads host memory only (copy it with "
@@ -451,27 +433,33 @@ static PyObject *buffer_array(BufferObject *self, PyObject *const *args, Py_ssiz
     PyObject *np = PyImport_ImportModule("numpy");
     if (np == NULL) return NULL;
     PyObject *arr = PyObject_CallMethod(np, "from_dlpack", "O", (PyObject *)self);
-    if (arr != NULL && (dtype != Py_None || copy != Py_None)) {
-        /* copy= only when given: NumPy 1.x's asarray has no such keyword */
-        PyObject *kw = copy == Py_None ? Py_BuildValue("{s:O}", "dtype", dtype)
-                                       : Py_BuildValue("{s:O,s:O}", "dtype", dtype, "copy", copy);
-        PyObject *conv = NULL;
-        if (kw != NULL) {
-            PyObject *asarray = PyObject_GetAttrString(np, "asarray");
-            PyObject *pos = asarray == NULL ? NULL : PyTuple_Pack(1, arr);
-            if (pos != NULL) conv = PyObject_Call(asarray, pos, kw);
-            Py_XDECREF(pos);
-            Py_XDECREF(asarray);
-            Py_DECREF(kw);
-        }
-        Py_SETREF(arr, conv);
-    }
     Py_DECREF(np);
     return arr;
 }
 
+/* numpy.asarray(buf) and friends: a zero-copy view, converted (or copied) only when dtype
+ * (or copy=True) asks. Without it, NumPy would wrap the Buffer in a 0-d object array. */
+static PyObject *buffer_array(BufferObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"dtype", "copy", NULL};
+    PyObject *dtype = Py_None, *copy = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:__array__", kwlist, &dtype, &copy)) return NULL;
+    PyObject *arr = host_array(self);
+    if (arr == NULL || (dtype == Py_None && copy == Py_None)) return arr;
+    /* arr.__array__(dtype, copy=copy): NumPy's own rules for the conversion and the copy
+     * (copy passed only when given: NumPy 1.x's __array__ has no such keyword) */
+    PyObject *conv = NULL, *method = PyObject_GetAttrString(arr, "__array__");
+    PyObject *pos = method == NULL ? NULL : PyTuple_Pack(1, dtype);
+    PyObject *kw = copy == Py_None || pos == NULL ? NULL : Py_BuildValue("{s:O}", "copy", copy);
+    if (pos != NULL && (copy == Py_None || kw != NULL)) conv = PyObject_Call(method, pos, kw);
+    Py_XDECREF(kw);
+    Py_XDECREF(pos);
+    Py_XDECREF(method);
+    Py_DECREF(arr);
+    return conv;
+}
+
 static PyObject *buffer_tolist(BufferObject *self, PyObject *Py_UNUSED(ignored)) {
-    PyObject *arr = buffer_array(self, NULL, 0, NULL);
+    PyObject *arr = host_array(self);
     if (arr == NULL) return NULL;
     PyObject *list = PyObject_CallMethod(arr, "tolist", NULL);
     Py_DECREF(arr);
@@ -479,7 +467,7 @@ static PyObject *buffer_tolist(BufferObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyMethodDef buffer_methods[] = {
-    {"__array__", (PyCFunction)(void (*)(void))buffer_array, METH_FASTCALL | METH_KEYWORDS,
+    {"__array__", (PyCFunction)(void (*)(void))buffer_array, METH_VARARGS | METH_KEYWORDS,
      "__array__($self, /, dtype=None, copy=None)\n--\n\n"
      "The buffer as a NumPy array (numpy.asarray(buf)): a zero-copy view of host memory,\n"
      "converted to dtype if given. TypeError for CUDA buffers and bfloat16 (NumPy has no\n"

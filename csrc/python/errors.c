@@ -26,6 +26,17 @@ int based_py_check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t n) {
     return -1;
 }
 
+int based_py_as_int64(PyObject *o, const char *name, int64_t *out) {
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %.200s", name, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    const long long v = PyLong_AsLongLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    *out = (int64_t)v;
+    return 0;
+}
+
 int based_py_as_double(PyObject *o, const char *name, double *out) {
     if (!PyFloat_Check(o) && !PyLong_Check(o)) {
         /* accept numpy/torch scalars through __float__, but not strings or None */

@@ -5,8 +5,6 @@
  */
 #include "pybased.h"
 
-#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
-
 /* taylor_feature_map(x, out, scale) */
 static PyObject *py_taylor_feature_map(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     static const char *const names[2] = {"x", "out"};

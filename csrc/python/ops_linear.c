@@ -6,8 +6,6 @@
 #include "pybased.h"
 #include "../linear_internal.h"
 
-#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
-
 typedef based_status (*linear_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
                                   DLTensor *, DLTensor *, const based_linear_attention_params *);
 
@@ -23,8 +21,7 @@ static PyObject *run_linear(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     p.normalize = normalize;
     if (based_py_as_double(args[9], "eps", &p.eps) < 0) return NULL;
     if (want == 11) {
-        p.chunk_size = PyLong_AsLongLong(args[10]);
-        if (p.chunk_size == -1 && PyErr_Occurred()) return NULL;
+        if (based_py_as_int64(args[10], "chunk_size", &p.chunk_size) < 0) return NULL;
     }
     based_py_tensor t[7];
     if (based_py_import_many(m, args, names, 7, 0x78u, 0u, t) < 0) return NULL;   /* writes kv, ksum, tokens, out */

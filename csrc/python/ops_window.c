@@ -6,21 +6,14 @@
 #include "pybased.h"
 #include "../sliding_window.h"
 
-#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
-
 typedef based_status (*window_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
                                   DLTensor *, DLTensor *, const based_sliding_window_params *);
 
 /* name(q, k, v, k_cache, v_cache, tokens, out, window, scale) -> None */
 static PyObject *window_call(PyObject *m, PyObject *const *args, Py_ssize_t nargs, const char *name, window_op op) {
     if (based_py_check_nargs(name, nargs, 9) < 0) return NULL;
-    if (!PyLong_Check(args[7]) || PyBool_Check(args[7])) {
-        PyErr_Format(PyExc_TypeError, "window must be an int, got %.200s", Py_TYPE(args[7])->tp_name);
-        return NULL;
-    }
     based_sliding_window_params p = {0, 0.0, NULL};
-    p.window = PyLong_AsLongLong(args[7]);
-    if (p.window == -1 && PyErr_Occurred()) return NULL;
+    if (based_py_as_int64(args[7], "window", &p.window) < 0) return NULL;
     if (based_py_as_double(args[8], "scale", &p.scale) < 0) return NULL;
     static const char *const names[7] = {"q", "k", "v", "k_cache", "v_cache", "tokens", "out"};
     based_py_tensor t[7];

@@ -95,9 +95,14 @@ PyObject *based_py_raise(based_status st);
 int based_py_parse_dtype(PyObject *name, DLDataType *out);
 const char *based_py_dtype_name(DLDataType t);
 
-/* Fastcall helpers: exactly n positional arguments; a float argument. */
+/* Fastcall helpers: exactly n positional arguments; a float argument; an int argument
+ * (not a bool). Each sets a TypeError naming the argument and returns -1 on failure. */
 int based_py_check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t n);
 int based_py_as_double(PyObject *o, const char *name, double *out);
+int based_py_as_int64(PyObject *o, const char *name, int64_t *out);
+
+/* A METH_FASTCALL function as the PyCFunction a PyMethodDef holds. */
+#define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)
 
 /* Method tables, one per op family (module.c adds them all). */
 extern PyMethodDef based_core_methods[];
