@@ -136,9 +136,8 @@ class SlidingWindowAttention(nn.Module):
     def new_state(self, batch: int) -> "based.SlidingWindowCache":
         """An empty ring-buffer ``based.SlidingWindowCache`` of ``window`` slots in the
         weights' dtype (torch tensors on the weights' device); memory never grows."""
-        w = self.k_proj.weight
         return based.SlidingWindowCache.zeros(batch, self.kv_heads, self.window, self.head_dim,
-                                              dtype=str(w.dtype).removeprefix("torch."), like=w, scale=self.scale)
+                                              like=self.k_proj.weight, scale=self.scale)
 
     @torch.no_grad()
     def prefill(self, x: torch.Tensor, cache: "based.SlidingWindowCache") -> torch.Tensor:

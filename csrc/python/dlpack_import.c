@@ -84,30 +84,17 @@ static PyObject *request_capsule(PyObject *module, PyObject *obj, const char *na
     return cap;
 }
 
-/* 1 if a class in type's MRO before `provider` defines its own __dlpack__ (a subclass that
- * overrides the export, e.g. to refuse it or to synchronise a stream), else 0. */
-static int overrides_dlpack(based_module_state *st, PyTypeObject *type, PyTypeObject *provider) {
-    PyObject *mro = type->tp_mro;
-    if (mro == NULL || !PyTuple_Check(mro)) return 1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
-        PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
-        if (t == provider) return 0;
-        if (t->tp_dict != NULL && PyDict_GetItemWithError(t->tp_dict, st->str_dlpack) != NULL) return 1;
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            return 1;
-        }
-    }
-    return 1;
-}
-
-/* The class in type's MRO whose own __dict__ holds the exchange table, or NULL. */
+/* The class in type's MRO whose own __dict__ holds the exchange table, or NULL, also when
+ * a class before it defines its own __dlpack__ (a subclass that overrides the export, e.g.
+ * to refuse it or to synchronise a stream: its export must run). */
 static PyTypeObject *exchange_provider(based_module_state *st, PyTypeObject *type) {
     PyObject *mro = type->tp_mro;
     if (mro == NULL || !PyTuple_Check(mro)) return NULL;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
         PyTypeObject *t = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
-        if (t->tp_dict != NULL && PyDict_GetItemWithError(t->tp_dict, st->str_exchange_api) != NULL) return t;
+        if (t->tp_dict == NULL) continue;
+        if (PyDict_GetItemWithError(t->tp_dict, st->str_exchange_api) != NULL) return t;
+        if (!PyErr_Occurred() && PyDict_GetItemWithError(t->tp_dict, st->str_dlpack) != NULL) return NULL;
         if (PyErr_Occurred()) {
             PyErr_Clear();
             return NULL;
@@ -116,17 +103,14 @@ static PyTypeObject *exchange_provider(based_module_state *st, PyTypeObject *typ
     return NULL;
 }
 
-/* The DLPack C exchange table of obj's type, or NULL (cached per type; never fails). A
- * type that overrides __dlpack__ below the class publishing the table gets no fast path:
- * its own export must run. */
+/* The DLPack C exchange table of obj's type, or NULL (cached per type; never fails). */
 static const DLPackExchangeAPI *exchange_api(based_module_state *st, PyTypeObject *type) {
     for (int i = 0; i < 4; i++)
         if (st->api_types[i] == type) return st->apis[i];
     const DLPackExchangeAPI *api = NULL;
     PyTypeObject *provider = exchange_provider(st, type);
     PyObject *cap = NULL;
-    if (provider != NULL && !overrides_dlpack(st, type, provider))
-        cap = PyObject_GetAttr((PyObject *)provider, st->str_exchange_api);
+    if (provider != NULL) cap = PyObject_GetAttr((PyObject *)provider, st->str_exchange_api);
     if (cap == NULL) {
         PyErr_Clear();
     } else {
