@@ -8,8 +8,8 @@
 
 #include "internal.h"
 
-/* Calls fn(dst_elem, src_elem, itemsize) for every element of row b of dst (and the
- * matching element of row sb of src, when src != NULL), walking axes 1..ndim-1. */
+/* Row b of dst = row sb of src (zeros when src == NULL), walking axes 1..ndim-1: raw
+ * bytes for one dtype, converted through float64 (round to nearest even) between two. */
 static void for_each_in_row(const based_view *dst, int64_t b, const based_view *src, int64_t sb) {
     int32_t nd = dst->ndim;
     int64_t idx[BASED_MAX_NDIM] = {0};
@@ -28,29 +28,17 @@ static void for_each_in_row(const based_view *dst, int64_t b, const based_view *
         if (src == NULL) {
             if (ds == 1) memset(dp, 0, (size_t)(inner * isz));
             else for (int64_t i = 0; i < inner; i++) memset(dp + i * ds * isz, 0, (size_t)isz);
+        } else if (src->dtype != dst->dtype) {
+            for (int64_t i = 0; i < inner; i++) {
+                const double x = based_load_f64(src->data, src->dtype, soff + i * ss);
+                based_store_f64(dst->data, dst->dtype, doff + i * ds, x);
+            }
         } else {
             const char *sp = src->data + soff * isz;
             if (ds == 1 && ss == 1) memmove(dp, sp, (size_t)(inner * isz));
             else for (int64_t i = 0; i < inner; i++) memcpy(dp + i * ds * isz, sp + i * ss * isz, (size_t)isz);
         }
         for (int32_t d = nd - 2; d >= 1; d--) { /* advance the multi-index over axes 1..nd-2 */
-            if (++idx[d] < dst->shape[d]) break;
-            idx[d] = 0;
-        }
-    }
-}
-
-/* dst = src converted elementwise between float dtypes (any shapes' strides). */
-static void convert_all(const based_view *dst, const based_view *src) {
-    int64_t idx[BASED_MAX_NDIM] = {0};
-    for (int64_t n = 0; n < dst->numel; n++) {
-        int64_t doff = 0, soff = 0;
-        for (int32_t d = 0; d < dst->ndim; d++) {
-            doff += idx[d] * dst->strides[d];
-            soff += idx[d] * src->strides[d];
-        }
-        based_store_f64(dst->data, dst->dtype, doff, based_load_f64(src->data, src->dtype, soff));
-        for (int32_t d = dst->ndim - 1; d >= 0; d--) {
             if (++idx[d] < dst->shape[d]) break;
             idx[d] = 0;
         }
@@ -147,10 +135,6 @@ based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
     if (based_check_disjoint(&dst, &src) != BASED_STATUS_OK) {
         based_clear_error();
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: dst and src share memory; copy from a clone instead");
-    }
-    if (dst.dtype != src.dtype) {
-        convert_all(&dst, &src);
-        return BASED_STATUS_OK;
     }
     for (int64_t b = 0; b < dst.shape[0]; b++) for_each_in_row(&dst, b, &src, b);
     return BASED_STATUS_OK;
