@@ -454,6 +454,15 @@ based_status based_check_disjoint(const based_view *a, const based_view *b) {
     return based_fail(BASED_STATUS_VALUE_ERROR, "%s shares memory with %s; pass a separate buffer", a->name, b->name);
 }
 
+based_status based_check_writes(const based_view *const *written, int nw, const based_view *const *read, int nr) {
+    for (int i = 0; i < nw; i++) BASED_TRY(based_check_no_self_overlap(written[i]));
+    for (int i = 0; i < nw; i++) {
+        for (int j = i + 1; j < nw; j++) BASED_TRY(based_check_disjoint(written[i], written[j]));
+        for (int j = 0; j < nr; j++) BASED_TRY(based_check_disjoint(written[i], read[j]));
+    }
+    return BASED_STATUS_OK;
+}
+
 based_status based_check_scalar(double value, const char *name, int positive) {
     if (isfinite(value) && (positive ? value > 0 : value >= 0)) return BASED_STATUS_OK;
     return based_fail(BASED_STATUS_VALUE_ERROR, "%s must be a finite number %s 0, got %g", name,

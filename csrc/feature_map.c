@@ -66,8 +66,8 @@ based_status based_taylor_feature_map(const DLTensor *x_, DLTensor *out_, double
     BASED_TRY(based_check_same_device(all, 2));
     BASED_TRY(based_check_host(&x, "taylor_feature_map"));
     BASED_TRY(based_check_scalar(scale, "scale", 1));
-    BASED_TRY(based_check_no_self_overlap(&out));
-    BASED_TRY(based_check_disjoint(&out, &x));
+    const based_view *written[] = {&out}, *read[] = {&x};
+    BASED_TRY(based_check_writes(written, 1, read, 1));
     if (out.numel == 0) return BASED_STATUS_OK;
 
     int64_t rows = x.numel / dk;

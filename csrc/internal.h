@@ -117,6 +117,10 @@ based_status based_check_no_self_overlap(const based_view *v);
 /* Writable tensor a must not share memory with b (their byte ranges must be disjoint). */
 based_status based_check_disjoint(const based_view *a, const based_view *b);
 
+/* What an op writes: each of written[0..nw) must not overlap itself, another written
+ * tensor, or any of read[0..nr). Self-overlaps are reported first. */
+based_status based_check_writes(const based_view *const *written, int nw, const based_view *const *read, int nr);
+
 /* A scalar setting must be finite and > 0 (positive) or >= 0 (!positive). */
 based_status based_check_scalar(double value, const char *name, int positive);
 

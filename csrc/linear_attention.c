@@ -128,13 +128,8 @@ based_status based_linear_check_args(based_linear_args *a, const DLTensor *q_, c
                                                                                          : BASED_DTYPE_FLOAT32;
 
     /* what is written must not overlap itself, another output or an input */
-    based_view *wr[] = {&a->out, &a->kv, &a->ksum, &a->tokens};
-    const based_view *rd[] = {&a->q, &a->k, &a->v};
-    for (int i = 0; i < 4; i++) {
-        BASED_TRY(based_check_no_self_overlap(wr[i]));
-        for (int j = 0; j < 3; j++) BASED_TRY(based_check_disjoint(wr[i], rd[j]));
-        for (int j = i + 1; j < 4; j++) BASED_TRY(based_check_disjoint(wr[i], wr[j]));
-    }
+    const based_view *wr[] = {&a->out, &a->kv, &a->ksum, &a->tokens}, *rd[] = {&a->q, &a->k, &a->v};
+    BASED_TRY(based_check_writes(wr, 4, rd, 3));
 
     /* token counters: non-negative, and room for T more */
     for (int64_t b = 0; b < a->B; b++) {

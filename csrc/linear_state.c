@@ -69,13 +69,8 @@ static based_status check_pair(state_pair *s, const DLTensor *kv, const DLTensor
     for (int i = 0; i < 4; i++) BASED_TRY(based_check_host(all[i], op));
     const based_view *in0 = from_expanded ? &s->kv_exp : &s->kv, *in1 = from_expanded ? &s->ksum_exp : &s->ksum;
     const based_view *o0 = from_expanded ? &s->kv : &s->kv_exp, *o1 = from_expanded ? &s->ksum : &s->ksum_exp;
-    BASED_TRY(based_check_no_self_overlap(o0));
-    BASED_TRY(based_check_no_self_overlap(o1));
-    BASED_TRY(based_check_disjoint(o0, o1));
-    BASED_TRY(based_check_disjoint(o0, in0));
-    BASED_TRY(based_check_disjoint(o0, in1));
-    BASED_TRY(based_check_disjoint(o1, in0));
-    BASED_TRY(based_check_disjoint(o1, in1));
+    const based_view *written[] = {o0, o1}, *read[] = {in0, in1};
+    BASED_TRY(based_check_writes(written, 2, read, 2));
     return BASED_STATUS_OK;
 }
 

@@ -122,14 +122,8 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
     BASED_TRY(based_check_host(&c->q, op));
 
     /* everything written: out, the cache, tokens */
-    BASED_TRY(based_check_no_self_overlap(&c->out));
-    BASED_TRY(based_check_no_self_overlap(&c->k_cache));
-    BASED_TRY(based_check_no_self_overlap(&c->v_cache));
-    BASED_TRY(based_check_no_self_overlap(&c->tokens));
-    const based_view *written[] = {&c->out, &c->k_cache, &c->v_cache, &c->tokens};
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 7; j++)
-            if (all[j] != written[i]) BASED_TRY(based_check_disjoint(written[i], all[j]));
+    const based_view *written[] = {&c->out, &c->k_cache, &c->v_cache, &c->tokens}, *read[] = {&c->q, &c->k, &c->v};
+    BASED_TRY(based_check_writes(written, 4, read, 3));
 
     for (int64_t b = 0; b < B; b++) {
         const int64_t n = ((const int64_t *)c->tokens.data)[b * c->tokens.strides[0]];
