@@ -209,6 +209,15 @@ based_isa_cap based_cpu_isa_cap(void);
 /* Number of OpenMP threads a parallel region over `work` independent items should use. */
 int based_threads_for(int64_t work);
 
+/* Token counters: a checked (B,) int64 view, tokens[b] and tokens[b] += n for every b. */
+static inline int64_t based_tokens_at(const based_view *tokens, int64_t b) {
+    return ((const int64_t *)tokens->data)[b * tokens->strides[0]];
+}
+
+static inline void based_tokens_add(const based_view *tokens, int64_t n) {
+    for (int64_t b = 0; b < tokens->shape[0]; b++) ((int64_t *)tokens->data)[b * tokens->strides[0]] += n;
+}
+
 /* The calling thread's index inside a parallel region (0 without OpenMP). */
 static inline int based_thread_num(void) {
 #ifdef _OPENMP

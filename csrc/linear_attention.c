@@ -133,7 +133,7 @@ based_status based_linear_check_args(based_linear_args *a, const DLTensor *q_, c
 
     /* token counters: non-negative, and room for T more */
     for (int64_t b = 0; b < a->B; b++) {
-        int64_t n = ((const int64_t *)a->tokens.data)[b * a->tokens.strides[0]], sum;
+        int64_t n = based_tokens_at(&a->tokens, b), sum;
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: state.tokens[%lld] is %lld; token counts must be >= 0",
                               op, (long long)b, (long long)n);
@@ -142,10 +142,6 @@ based_status based_linear_check_args(based_linear_args *a, const DLTensor *q_, c
                               (long long)b, (long long)a->T);
     }
     return BASED_STATUS_OK;
-}
-
-void based_lin_count_tokens(const based_linear_args *a, int64_t n) {
-    for (int64_t b = 0; b < a->B; b++) ((int64_t *)a->tokens.data)[b * a->tokens.strides[0]] += n;
 }
 
 /* ---------------------------------------------------------------------------------
@@ -302,7 +298,7 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
     BASED_TRY(based_linear_check_args(&a, q, k, v, kv, ksum, tokens, out, params, 1, "linear_attention_prefill"));
     if (a.B == 0 || a.T == 0) return BASED_STATUS_OK;
     if (a.H == 0) {
-        based_lin_count_tokens(&a, a.T);
+        based_tokens_add(&a.tokens, a.T);
         return BASED_STATUS_OK;
     }
 
@@ -364,7 +360,7 @@ based_status based_linear_attention_prefill(const DLTensor *q, const DLTensor *k
         }
     }
     based_scratch_free(scratch);
-    based_lin_count_tokens(&a, a.T);
+    based_tokens_add(&a.tokens, a.T);
     return BASED_STATUS_OK;
 }
 
@@ -453,7 +449,7 @@ based_status based_linear_attention_decode(const DLTensor *q, const DLTensor *k,
     BASED_TRY(based_linear_check_args(&a, q, k, v, kv, ksum, tokens, out, params, 0, "linear_attention_decode"));
     if (a.B == 0) return BASED_STATUS_OK;
     if (a.H == 0) {
-        based_lin_count_tokens(&a, 1);
+        based_tokens_add(&a.tokens, 1);
         return BASED_STATUS_OK;
     }
     const int64_t work = a.B * a.H;
@@ -477,6 +473,6 @@ based_status based_linear_attention_decode(const DLTensor *q, const DLTensor *k,
             decode_head_f32(&a, kern, ws, bh / a.H, bh % a.H);
     }
     based_scratch_free(scratch);
-    based_lin_count_tokens(&a, 1);
+    based_tokens_add(&a.tokens, 1);
     return BASED_STATUS_OK;
 }

@@ -77,7 +77,7 @@ static based_status linear_attention_ref(based_linear_args *a) {
         }
     }
     free(S), free(z), free(pq), free(pk), free(x);
-    based_lin_count_tokens(a, T);
+    based_tokens_add(&a->tokens, T);
     return BASED_STATUS_OK;
 }
 

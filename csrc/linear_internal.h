@@ -56,7 +56,6 @@ static inline int based_lin_team_size(void) {
 }
 
 /* tokens[b] += n for every sequence (the counters were range-checked by the checks). */
-void based_lin_count_tokens(const based_linear_args *a, int64_t n);
 
 /* Workspace of one thread for the chunked prefill of one (b, h), in the compute type.
  * Token-indexed arrays have ldc = C rounded up to BASED_LIN_ROW_ALIGN columns, value

@@ -126,7 +126,7 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
     BASED_TRY(based_check_writes(written, 4, read, 3));
 
     for (int64_t b = 0; b < B; b++) {
-        const int64_t n = ((const int64_t *)c->tokens.data)[b * c->tokens.strides[0]];
+        const int64_t n = based_tokens_at(&c->tokens, b);
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: tokens[%lld] must be >= 0, got %lld", op, (long long)b,
                               (long long)n);
@@ -489,7 +489,7 @@ static void window_decode(const based_window_call *c) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
     }
-    for (int64_t b = 0; b < c->batch; b++) ((int64_t *)c->tokens.data)[b * c->tokens.strides[0]] += 1;
+    based_tokens_add(&c->tokens, 1);
 }
 
 /* n elements of one dtype from src to dst (element strides), bit for bit. */
@@ -511,7 +511,7 @@ static void window_update_cache(const based_window_call *c) {
     (void)nthreads; /* only the pragma reads it: unused without OpenMP */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
-        const int64_t b = bh / c->kv_heads, kh = bh % c->kv_heads, t0 = based_window_tokens(c, b);
+        const int64_t b = bh / c->kv_heads, kh = bh % c->kv_heads, t0 = based_tokens_at(&c->tokens, b);
         for (int64_t t = first; t < T; t++) {
             const int64_t slot = (t0 + t) % W;
             copy_row(based_window_row(&c->k_cache, b, kh, slot), c->k_cache.strides[3],
@@ -520,7 +520,7 @@ static void window_update_cache(const based_window_call *c) {
                      based_window_row(&c->v, b, t, kh), c->v.strides[3], D, c->v.itemsize);
         }
     }
-    for (int64_t b = 0; b < c->batch; b++) ((int64_t *)c->tokens.data)[b * c->tokens.strides[0]] += T;
+    based_tokens_add(&c->tokens, T);
 }
 
 static based_status window_run(const based_window_call *c, int decode) {

@@ -41,11 +41,6 @@ based_status based_window_check(based_window_call *c, const DLTensor *q, const D
  * first call, from the CPU and BASED_CPU_ISA. */
 const char *based_window_kernel_isa(void);
 
-/* tokens[b] of a checked call. */
-static inline int64_t based_window_tokens(const based_window_call *c, int64_t b) {
-    return ((const int64_t *)c->tokens.data)[b * c->tokens.strides[0]];
-}
-
 /* Address of element [i0, i1, i2, 0] of a 4-d view. */
 static inline char *based_window_row(const based_view *x, int64_t i0, int64_t i1, int64_t i2) {
     return x->data + (i0 * x->strides[0] + i1 * x->strides[1] + i2 * x->strides[2]) * x->itemsize;

@@ -517,7 +517,7 @@ static void FN(window_decode_item)(const based_window_call *c, int64_t b, int64_
     const int kind = c->k.dtype == BASED_DTYPE_BFLOAT16 ? KIND_BF16 : c->k.dtype == BASED_DTYPE_FLOAT16 ? KIND_F16
                                                                                                     : KIND_NATIVE;
     const int64_t d = c->head_dim, w = c->window, g_count = c->heads / c->kv_heads, h0 = kh * g_count;
-    const int64_t p = based_window_tokens(c, b), lo = p >= w - 1 ? p - w + 1 : 0, slot = p % w;
+    const int64_t p = based_tokens_at(&c->tokens, b), lo = p >= w - 1 ? p - w + 1 : 0, slot = p % w;
     const int64_t isz = c->k.itemsize, ldk = c->k_cache.strides[3], ldv = c->v_cache.strides[2];
     char *kc = based_window_row(&c->k_cache, b, kh, 0), *vc = based_window_row(&c->v_cache, b, kh, 0);
     const char *kn = based_window_row(&c->k, b, 0, kh), *vn = based_window_row(&c->v, b, 0, kh);
@@ -770,7 +770,7 @@ static void FN(window_prefill_item)(const based_window_call *c, const window_scr
                                     int64_t t_a, int64_t t_b) {
     const int64_t d = c->head_dim, dp = sc->dp, w = c->window;
     const int64_t g_count = c->heads / c->kv_heads, h0 = kh * g_count, rows = (t_b - t_a) * g_count;
-    const int64_t t0 = based_window_tokens(c, b);
+    const int64_t t0 = based_tokens_at(&c->tokens, b);
     REAL *qs = (REAL *)sc->qs, *acc = (REAL *)sc->acc, *mx = (REAL *)sc->m, *l = (REAL *)sc->l;
     for (int64_t r = 0; r < rows; r++) {
         FN(load_query)(c, qs + r * d, b, t_a + r / g_count, h0 + r % g_count);

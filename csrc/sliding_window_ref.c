@@ -73,7 +73,7 @@ based_status based_sliding_window_prefill_ref(const DLTensor *q, const DLTensor 
     BASED_TRY(based_window_check(&c, q, k, v, k_cache, v_cache, tokens, out, params, 0,
                                  "sliding_window_prefill_ref"));
     for (int64_t b = 0; b < c.batch; b++) {
-        const int64_t t0 = based_window_tokens(&c, b);
+        const int64_t t0 = based_tokens_at(&c.tokens, b);
         for (int64_t t = 0; t < c.seqlen; t++)
             for (int64_t h = 0; h < c.heads; h++) attend(&c, &c.k, &c.v, b, t, h, t0, t0 + t);
     }
