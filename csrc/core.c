@@ -299,14 +299,6 @@ based_status based_view_init(based_view *v, const DLTensor *t, const char *name)
     return BASED_STATUS_OK;
 }
 
-based_status based_view_init_optional(based_view *v, const DLTensor *t, const char *name) {
-    if (t != NULL) return based_view_init(v, t, name);
-    memset(v, 0, sizeof *v);
-    v->name = name;
-    v->ndim = -1;
-    return BASED_STATUS_OK;
-}
-
 static const char *dtype_list(unsigned allowed, char *buf, size_t size) {
     size_t n = 0;
     buf[0] = '\0';
@@ -378,7 +370,7 @@ based_status based_check_same_device(const based_view *const *views, int n) {
     const based_view *first = NULL;
     for (int i = 0; i < n; i++) {
         const based_view *v = views[i];
-        if (v == NULL || v->ndim < 0) continue;
+        if (v == NULL) continue;
         if (first == NULL) {
             first = v;
             continue;
@@ -444,7 +436,7 @@ based_status based_check_no_self_overlap(const based_view *v) {
 }
 
 based_status based_check_disjoint(const based_view *a, const based_view *b) {
-    if (a->numel == 0 || b->numel == 0 || a->ndim < 0 || b->ndim < 0) return BASED_STATUS_OK;
+    if (a->numel == 0 || b->numel == 0) return BASED_STATUS_OK;
     if (a->device.device_type != b->device.device_type) return BASED_STATUS_OK;
     uintptr_t a0 = (uintptr_t)a->data + (uintptr_t)(a->lo * a->itemsize);
     uintptr_t a1 = (uintptr_t)a->data + (uintptr_t)((a->hi + 1) * a->itemsize);

@@ -87,9 +87,6 @@ typedef struct {
  * strides whose byte extent would overflow int64. */
 based_status based_view_init(based_view *v, const DLTensor *t, const char *name);
 
-/* Same, for an optional argument: t == NULL leaves v->data NULL and v->ndim = -1. */
-based_status based_view_init_optional(based_view *v, const DLTensor *t, const char *name);
-
 /* dtype must be in `allowed` (a mask of 1u << based_dtype). */
 based_status based_check_dtype(const based_view *v, unsigned allowed);
 
@@ -102,7 +99,7 @@ based_status based_check_same_dtype(const based_view *v, const based_view *ref);
 based_status based_check_shape(const based_view *v, int32_t ndim, const int64_t *expected,
                                const char *dims);
 
-/* All views on one device (type and id); NULL entries and empty optionals skipped. */
+/* All views on one device (type and id); NULL entries skipped. */
 based_status based_check_same_device(const based_view *const *views, int n);
 
 /* The op runs on the host: the device must be CPU or pinned host memory. A CUDA device
@@ -126,13 +123,6 @@ based_status based_check_scalar(double value, const char *name, int positive);
 
 /* "(2, 6, 4, 16)" into buf; returns buf. */
 const char *based_format_shape(const based_view *v, char *buf, size_t size);
-
-/* Byte address of the element at index idx[0..ndim). */
-static inline char *based_view_ptr(const based_view *v, const int64_t *idx) {
-    int64_t off = 0;
-    for (int32_t i = 0; i < v->ndim; i++) off += idx[i] * v->strides[i];
-    return v->data + off * v->itemsize;
-}
 
 /* ---------------------------------------------------------------------------------
  * Scalar conversion. float16 and bfloat16 are stored as uint16_t bit patterns and
