@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "args.h"
 #include "based.h"
 
 #ifdef _OPENMP
@@ -25,15 +26,9 @@
 #define BASED_MAX_NDIM 16
 
 /* ---------------------------------------------------------------------------------
- * Errors: based_fail() records a message for this thread and returns the status,
+ * Errors: based_fail() (args.h) records a message for this thread and returns the status,
  * so checks read `if (bad) return based_fail(BASED_STATUS_VALUE_ERROR, "...", ...);`
  * --------------------------------------------------------------------------------- */
-
-based_status based_fail(based_status status, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 2, 3)))
-#endif
-    ;
 
 #define BASED_TRY(expr)                          \
     do {                                         \
@@ -45,15 +40,6 @@ based_status based_fail(based_status status, const char *fmt, ...)
 /* ---------------------------------------------------------------------------------
  * dtypes
  * --------------------------------------------------------------------------------- */
-
-typedef enum {
-    BASED_DTYPE_FLOAT32 = 0,
-    BASED_DTYPE_FLOAT64 = 1,
-    BASED_DTYPE_FLOAT16 = 2,
-    BASED_DTYPE_BFLOAT16 = 3,
-    BASED_DTYPE_INT64 = 4,
-    BASED_DTYPE_COUNT_ = 5,
-} based_dtype;
 
 #define BASED_DTYPES_FLOAT                                                              \
     ((1u << BASED_DTYPE_FLOAT32) | (1u << BASED_DTYPE_FLOAT64) | (1u << BASED_DTYPE_FLOAT16) | \

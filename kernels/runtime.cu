@@ -52,9 +52,19 @@ extern "C" int based_cuda_runtime_free(void *ptr, int device) {
 
 extern "C" int based_cuda_runtime_memcpy(void *dst, const void *src, size_t nbytes, int device) {
     return with_device(device, [&]() {
-        cudaError_t err = cudaMemcpy(dst, src, nbytes, cudaMemcpyDeviceToDevice);
+        cudaError_t err = cudaMemcpy(dst, src, nbytes, cudaMemcpyDefault);
         return err;
     });
+}
+
+extern "C" int based_cuda_runtime_capability(int device) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+        cudaGetLastError();
+        return -1;
+    }
+    return major * 10 + minor;
 }
 
 extern "C" const char *based_cuda_runtime_error_string(int err) {
