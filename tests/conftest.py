@@ -39,6 +39,24 @@ requires_cuda = pytest.mark.skipif(
 EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 
+def assert_within_policy(out, ref64, ref_low, name: str = "out", factor: float = 2.0, floor: float = 0.0):
+    """The CUDA tests' tolerance policy (flash-attention's): the largest error of ``out``
+    against the float64 reference ``ref64`` must be at most ``factor`` times the largest
+    error of ``ref_low`` -- the same computation done in the input precision (float32 math
+    for float32 inputs, bf16/fp16 math for bf16/fp16 inputs) -- plus ``floor`` (for outputs
+    that are exact in both, e.g. all-zero rows; state it in units of EPS where used).
+    NaN anywhere in ``out`` where ``ref64`` is finite fails."""
+    o, r, lo = to_numpy64(out), to_numpy64(ref64), to_numpy64(ref_low)
+    assert o.shape == r.shape == lo.shape, (o.shape, r.shape, lo.shape)
+    finite = np.isfinite(r)
+    assert np.isfinite(o[finite]).all(), f"{name}: non-finite values where the reference is finite"
+    err = float(np.max(np.abs(o - r), initial=0.0, where=finite))
+    base = float(np.max(np.abs(lo - r), initial=0.0, where=finite))
+    assert err <= factor * base + floor, (
+        f"{name}: max error {err:.3e} against float64 exceeds {factor} x {base:.3e} (the input-precision "
+        f"computation's error) + {floor:.1e}")
+
+
 def poison(a):
     """Fill a float array (numpy or torch) with NaN in place and return it."""
     if isinstance(a, np.ndarray):
