@@ -61,7 +61,8 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
     """A zero-filled ``based.Buffer``: memory owned by based, viewable without a copy.
 
     Args:
-        shape: sequence of non-negative ints.
+        shape: sequence of non-negative ints (Python, numpy or torch integers; a bare int n
+            means ``(n,)``, as in numpy). Floats, strings and bools are refused.
         dtype: 'float32', 'float64', 'float16', 'bfloat16' or 'int64' (or the numpy/torch dtype).
         device: 'cpu', 'cuda' or 'cuda:N' (CUDA needs a CUDA build and a GPU).
 
@@ -73,12 +74,13 @@ def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
         allocation-time cost, never paid by the ops).
 
     Raises:
-        TypeError: unknown dtype. ValueError: bad shape, or a device that is not there (e.g.
+        TypeError: unknown dtype, a shape entry that is not an int. ValueError: a negative
+        dimension, a size beyond 64-bit indexing, or a device that is not there (e.g.
         'cuda' on a machine without a GPU or driver). NotImplementedError: a CUDA device in a
         build without CUDA. MemoryError.
     """
     dtype = _args.as_dtype(dtype, allowed=_arrays.FLOAT_DTYPES + ("int64",))
-    return _C.zeros(tuple(int(s) for s in shape), dtype, *_parse_device(device))
+    return _C.zeros(_args.as_shape(shape), dtype, *_parse_device(device))
 
 
 __all__ = [

@@ -12,9 +12,18 @@ import numpy as np
 from . import _arrays
 
 
+def is_bool(value) -> bool:
+    """A Python, numpy or torch bool (scalar or 0-d array): never an int nor a number here,
+    though Python and torch would let it pass as one."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype) in ("bool", "torch.bool")
+
+
 def as_int(value, name: str, low: int, high: int | None = None) -> int:
     """An int (numpy/torch integer scalars too, not bool) in ``[low, high]``."""
-    if isinstance(value, bool):
+    if is_bool(value):
         raise TypeError(f"{name} must be an int, got bool")
     try:
         n = operator.index(value)
@@ -26,11 +35,22 @@ def as_int(value, name: str, low: int, high: int | None = None) -> int:
     return n
 
 
+def as_shape(shape, name: str = "shape") -> tuple[int, ...]:
+    """A shape: a sequence of ints >= 0 (``shape[i]`` named in errors), or one int."""
+    if hasattr(shape, "__index__") and not is_bool(shape) and getattr(shape, "ndim", 0) == 0:
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(shape).__name__}")
+    return tuple(as_int(n, f"{name}[{i}]", 0) for i, n in enumerate(shape))
+
+
 def as_scale(scale, default_dim: int | None = None, name: str = "scale") -> float:
     """A finite float > 0; None gives ``1 / sqrt(default_dim)`` when a dim is given."""
     if scale is None and default_dim is not None:
         return _arrays.default_scale(default_dim)
-    if isinstance(scale, (bool, str, bytes)) or not hasattr(scale, "__float__"):
+    if is_bool(scale):
+        raise TypeError(f"{name} must be a number, got bool")
+    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__float__"):
         raise TypeError(f"{name} must be a number, got {type(scale).__name__}")
     s = float(scale)
     if not (math.isfinite(s) and s > 0):

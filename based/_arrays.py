@@ -8,6 +8,7 @@ imported, so ``sys.modules`` is enough to recognise one.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ from . import _C
 
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
 DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_HOST = 1, 2, 3
+INDEX_MAX = 2**63 - 1        # the C core indexes with int64: no count, size or offset may exceed this
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8}
 
 
 class ArrayInfo(NamedTuple):
@@ -80,6 +83,26 @@ def float_input(x: Any, name: str, layout: str) -> ArrayInfo:
     return i
 
 
+def readonly(x: Any) -> bool:
+    """True if x must not be written: a numpy array with ``flags.writeable`` False, or any
+    other array exported with DLPack's read-only flag. (torch tensors have no such flag.)"""
+    if is_torch(x):
+        return False
+    if isinstance(x, np.ndarray):
+        return not x.flags.writeable
+    return bool(_C.dlpack_info(x)[3])
+
+
+def require_indexable(what: str, dims: str, shape: tuple, dtype: str) -> None:
+    """Refuse, before anything is allocated, an array whose size in bytes would not fit the
+    C core's 64-bit indexing (SPEC 4). ``what`` and ``dims`` name the array and its axes in
+    the message, e.g. ``"the state's kv"``, ``"(batch, heads, F, value_dim)"``."""
+    count = math.prod(int(n) for n in shape)      # Python ints: exact, never wraps
+    if count * ITEMSIZE.get(dtype, 8) > INDEX_MAX:
+        raise ValueError(f"{what} {dims} = {tuple(int(n) for n in shape)} would hold {count} {dtype} elements, "
+                         f"which overflows 64-bit indexing (at most {INDEX_MAX} bytes); nothing was allocated")
+
+
 def require_no_grad(x: Any, name: str) -> None:
     if is_torch(x) and x.requires_grad:
         raise TypeError(
@@ -139,7 +162,10 @@ def zeros(like: Any, shape: tuple, dtype: str, device=None) -> Any:
 def parse_device(device) -> tuple:
     """'cpu', 'cuda', 'cuda:1', a torch.device or a DLPack (type, id) tuple -> (type, id)."""
     if isinstance(device, tuple) and len(device) == 2:
-        return (int(device[0]), int(device[1]))
+        if any(isinstance(n, bool) or not hasattr(n, "__index__") for n in device):
+            raise TypeError(f"device must be 'cpu', 'cuda', 'cuda:N' or a DLPack (type, id) pair of ints, "
+                            f"got {device!r}")
+        return (operator.index(device[0]), operator.index(device[1]))
     text = str(device)
     if text == "cpu":
         return (DLPACK_CPU, 0)

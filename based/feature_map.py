@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from . import _arrays, _C
+from . import _args, _arrays, _C
+
+# largest Dk for which the C core computes F in int64 (Dk * (Dk + 1) must fit)
+MAX_FEATURE_DIM_INT64 = 3037000498
 
 
 def feature_dim(head_dim: int) -> int:
     """Number of Taylor features F = 1 + Dk + Dk(Dk+1)/2 for feature dim Dk (153 for Dk=16).
 
-    Raises ValueError if head_dim < 1.
+    Args:
+        head_dim: Dk, an int (Python, numpy or torch integer; not a float or bool).
+
+    Raises:
+        TypeError: head_dim is not an int. ValueError: head_dim outside
+        1..3037000498 (beyond, F would overflow the C core's int64).
     """
-    if int(head_dim) < 1:
-        raise ValueError(f"head_dim must be >= 1, got {head_dim}")
-    return int(_C.feature_dim(int(head_dim)))
+    dk = _args.as_int(head_dim, "head_dim", 1, MAX_FEATURE_DIM_INT64)
+    return int(_C.feature_dim(dk))
 
 
 def taylor_feature_map(x, *, scale=None, out=None):
@@ -40,9 +47,11 @@ def taylor_feature_map(x, *, scale=None, out=None):
         Computed in float32 (float64 for float64 x).
 
     Raises:
-        TypeError: x or out is not a DLPack array, or has an unsupported or mismatched dtype.
-        ValueError: bad shapes, a non-positive or non-finite scale, devices that differ,
-            out overlapping x or itself, or a read-only out.
+        TypeError: x or out is not a DLPack array, or has an unsupported or mismatched dtype;
+            a scale that is not a number (a bool is not).
+        ValueError: bad shapes (an output whose size would overflow 64-bit indexing is
+            refused before it is allocated), a non-positive or non-finite scale, devices that
+            differ, out overlapping x or itself, or a read-only out.
         NotImplementedError: x is a CUDA array (this op has no CUDA kernel yet).
     """
     _arrays.require_no_grad(x, "x")
@@ -51,9 +60,10 @@ def taylor_feature_map(x, *, scale=None, out=None):
     if len(xi.shape) < 1 or xi.shape[-1] < 1:
         raise ValueError(f"x must have shape (..., Dk) with Dk >= 1, got {tuple(xi.shape)}")
     dk = xi.shape[-1]
-    if scale is None:
-        scale = _arrays.default_scale(dk)
+    scale = _args.as_scale(scale, dk)
     if out is None:
-        out = _arrays.empty(x, tuple(xi.shape[:-1]) + (feature_dim(dk),), xi.dtype, xi.device)
+        shape = tuple(xi.shape[:-1]) + (feature_dim(dk),)
+        _arrays.require_indexable("out", "(..., F)", shape, xi.dtype)
+        out = _arrays.empty(x, shape, xi.dtype, xi.device)
     _C.taylor_feature_map(x, out, scale)
     return out

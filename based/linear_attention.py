@@ -81,8 +81,10 @@ class LinearAttentionState(RecurrentState):
                 a bfloat16 state made like a numpy array is ``based.Buffer`` arrays.
 
         Raises:
-            TypeError: a non-integer size, an unknown dtype or a non-number scale.
-            ValueError: sizes out of range, a bad scale or device.
+            TypeError: a non-integer size (floats and bools included), an unknown dtype or a
+                non-number scale.
+            ValueError: sizes out of range -- also a state too large for 64-bit indexing,
+                refused before anything is allocated --, a bad scale or device.
         """
         b = _args.as_int(batch, "batch", 0)
         h = _args.as_int(heads, "heads", 0)
@@ -93,6 +95,8 @@ class LinearAttentionState(RecurrentState):
         if device is None:
             device = _arrays.info(like, "like").device if like is not None else "cpu"
         f = int(_C.feature_dim(dk))
+        _arrays.require_indexable("the state's kv", "(batch, heads, F, value_dim)", (b, h, f, dv), dtype)
+        _arrays.require_indexable("the state's tokens", "(batch,)", (b,), "int64")
         tensors = {
             "kv": _arrays.zeros(like, (b, h, f, dv), dtype, device),
             "ksum": _arrays.zeros(like, (b, h, f), dtype, device),
@@ -279,7 +283,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
     if state is None:
         b, _, h, dk = qi.shape
         state = LinearAttentionState.zeros(b, h, dk, max(int(vi.shape[3]), 1), scale=scale, like=q,
-                                           device=qi.device)
+                                           device=qi.device)   # its size is checked before it is allocated
         scale = state.scale
     else:
         _require_state(state)

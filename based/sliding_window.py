@@ -70,7 +70,9 @@ class SlidingWindowCache(RecurrentState):
 
         Args:
             batch: sequences, >= 0. kv_heads: key/value heads Hkv, >= 1.
-            window: W >= 1, keys attended per query (its own included).
+            window: W, keys attended per query (its own included), 1..2**63-1. The cache
+                holds W slots per sequence and kv head from the start:
+                ``2 * batch * kv_heads * W * head_dim`` elements, whatever the sequence length.
             head_dim: D, 1..256.
             dtype: 'float32', 'float64', 'float16' or 'bfloat16' (or a numpy/torch dtype);
                 the dtype of the k and v the cache will be fed. Default: like's dtype.
@@ -81,12 +83,14 @@ class SlidingWindowCache(RecurrentState):
                 are bfloat16 tensors made like a numpy array (numpy has no bfloat16).
 
         Raises:
-            TypeError: a non-integer size, an unknown dtype, or no dtype and no like.
-            ValueError: a size or scale out of range, a bad device.
+            TypeError: a non-integer size (floats and bools included), an unknown dtype, or
+                no dtype and no like.
+            ValueError: a size or scale out of range -- also a cache too large for 64-bit
+                indexing, refused before anything is allocated --, a bad device.
         """
         batch = _args.as_int(batch, "batch", 0)
         kv_heads = _args.as_int(kv_heads, "kv_heads", 1)
-        window = _args.as_int(window, "window", 1)
+        window = _args.as_int(window, "window", 1, _arrays.INDEX_MAX)
         head_dim = _args.as_int(head_dim, "head_dim", 1, MAX_HEAD_DIM)
         if dtype is None:
             if like is None:
@@ -95,6 +99,8 @@ class SlidingWindowCache(RecurrentState):
         dtype = _args.as_dtype(dtype)
         scale = _args.as_scale(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
+        _arrays.require_indexable("the cache's k and v", "(batch, kv_heads, window, head_dim)", shape, dtype)
+        _arrays.require_indexable("the cache's tokens", "(batch,)", (batch,), "int64")
         tensors = {
             "k": _key_ring(like, shape, dtype, device),
             "v": _arrays.zeros(like, shape, dtype, device),
@@ -198,12 +204,18 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
             One dtype for all three: float32, float64, float16 or bfloat16. Any strides
             (a ``(B, H, T, D)`` tensor passed as ``x.transpose(1, 2)`` needs no copy); any
             DLPack array.
-        window: keys attended per query (its own included), >= 1. Required without a
-            cache; with one it defaults to ``cache.window`` and must equal it.
+        window: keys attended per query (its own included), 1..2**63-1. Required without
+            a cache; with one it defaults to ``cache.window`` and must equal it.
         scale: softmax scale > 0; default the cache's, else ``1 / sqrt(D)``. With a cache it
             must equal ``cache.scale``.
         cache: a ``SlidingWindowCache`` of shape ``(B, Hkv, window, D)`` and k's dtype, updated
-            in place. None: a new one (``SlidingWindowCache.zeros(..., like=q)``) is filled.
+            in place. None: a new one (``SlidingWindowCache.zeros(..., like=q)``) is
+            allocated and filled, with capacity for ``window`` positions per sequence and kv
+            head -- ``2 * B * Hkv * window * D`` elements of k's dtype, whatever T is, since
+            decode continues from it. A window far beyond the prompt costs that memory up
+            front (``window=2**20`` at Hkv=8, D=64, float16: 2 GiB per sequence) and is
+            refused only when it overflows 64-bit indexing; pick the window the model was
+            trained with.
         out: optional ``(B, T, H, D)`` array with v's dtype, written in place; must not
             overlap the inputs or the cache.
 
@@ -226,7 +238,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
     if cache is None:
         if window is None:
             raise ValueError("sliding_window_prefill: window is required when no cache is given")
-        window = _args.as_int(window, "window", 1)
+        window = _args.as_int(window, "window", 1, _arrays.INDEX_MAX)
         if not 1 <= head_dim <= MAX_HEAD_DIM:
             raise ValueError(f"q must have a head dim D between 1 and {MAX_HEAD_DIM}, got D={head_dim}")
         cache = SlidingWindowCache.zeros(batch, ki.shape[2], window, head_dim, dtype=ki.dtype, scale=scale,
@@ -235,7 +247,8 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
         _require_cache(cache)
         _check_cache_fits(cache, qi, ki, vi)
         if window is not None:
-            _args.same_setting("window", _args.as_int(window, "window", 1), cache.window, "cache")
+            window = _args.as_int(window, "window", 1, _arrays.INDEX_MAX)
+            _args.same_setting("window", window, cache.window, "cache")
         if scale is not None:
             _args.same_setting("scale", _args.as_scale(scale), cache.scale, "cache")
     cache._require_writable()

@@ -38,6 +38,10 @@ int based_py_as_int64(PyObject *o, const char *name, int64_t *out) {
 }
 
 int based_py_as_double(PyObject *o, const char *name, double *out) {
+    if (PyBool_Check(o)) { /* an int subclass, but True is not a scale nor an eps */
+        PyErr_Format(PyExc_TypeError, "%s must be a number, got bool", name);
+        return -1;
+    }
     if (!PyFloat_Check(o) && !PyLong_Check(o)) {
         /* accept numpy/torch scalars through __float__, but not strings or None */
         if (Py_TYPE(o)->tp_as_number == NULL || Py_TYPE(o)->tp_as_number->nb_float == NULL) {
