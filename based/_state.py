@@ -21,12 +21,13 @@ converted back on load; ``dtypes`` records what they were.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from typing import Any, ClassVar
 
 import numpy as np
 
-from . import _arrays, _C
+from . import _args, _arrays, _C
 
 FORMAT_NAME = "based-state"
 FORMAT_VERSION = 1
@@ -57,16 +58,65 @@ def _host_copy(a: Any) -> np.ndarray:
     return host
 
 
-def as_indices(indices: Any, what: str = "batch_indices") -> np.ndarray:
-    """Any sequence of ints (list, numpy, torch on any device) as an int64 host array."""
+class BatchIndexError(IndexError, ValueError):
+    """A batch index outside ``[-batch, batch)``. An ``IndexError``, as Python and NumPy
+    name it, and a ``ValueError``, as SPEC 4 promises for a value out of range."""
+
+
+def _index_list(indices, what: str) -> list:
+    """The elements of a Python sequence as ints (operator.index; bools refused)."""
+    values = []
+    for x in indices:
+        if _args.is_bool(x):
+            raise TypeError(f"{what} must be integers, got a bool ({x!r})")
+        try:
+            values.append(operator.index(x))
+        except TypeError:
+            raise TypeError(f"{what} must be integers, got {type(x).__name__} {x!r}") from None
+    return values
+
+
+def as_indices(indices: Any, batch: int, what: str = "batch_indices") -> np.ndarray:
+    """Batch indices as a C-contiguous int64 host array of rows in ``[0, batch)``.
+
+    indices: one int, a sequence of ints (``[]`` included: no rows), or an integer array of
+    any integer dtype (numpy, torch on any device, anything numpy.asarray reads), 0-d or
+    1-D. Negative values count from the end, as in NumPy. Every value is range-checked as
+    the integer it is (a uint64 2**64 - 1 is not -1) before anything is converted.
+
+    Raises TypeError for non-integers (bools and floats included), ValueError for arrays
+    of more than one dimension, BatchIndexError (an IndexError and a ValueError) naming
+    ``what`` and the value for an index outside ``[-batch, batch)``.
+    """
     if _arrays.is_torch(indices):
+        if _args.is_bool(indices):
+            raise TypeError(f"{what} must be integers, got dtype torch.bool")
         indices = indices.detach().to("cpu").numpy()
-    arr = np.asarray(indices)
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    if isinstance(indices, (str, bytes)):
+        raise TypeError(f"{what} must be integers, got {type(indices).__name__} {indices!r}")
+    if isinstance(indices, (list, tuple, range)):
+        values = _index_list(indices, what)
+        arr = None
+    else:
+        if hasattr(indices, "__index__") and not hasattr(indices, "dtype") and not _args.is_bool(indices):
+            indices = [operator.index(indices)]          # a plain int
+        arr = np.asarray(indices)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+        if arr.ndim > 1:
+            raise ValueError(f"{what} must be one index or a 1-D sequence of them, got shape {arr.shape}")
+        arr = arr.reshape(-1)
+        values = [int(arr.min()), int(arr.max())] if arr.size else []   # exact for uint64 too
+    for j in values:
+        if not -batch <= j < batch:
+            if arr is not None:                          # report the first offending element
+                j = next(x for x in arr.tolist() if not -batch <= x < batch)
+            raise BatchIndexError(f"{what}: batch index {j} is out of range for batch size {batch} "
+                                  f"(valid indices: -{batch} to {batch - 1}, negative ones counting from the end)")
+    out = np.array(values, dtype=np.int64) if arr is None else arr.astype(np.int64)   # in range: exact
+    if out.size and out.min() < 0:
+        out = np.where(out < 0, out + batch, out)
+    return np.ascontiguousarray(out, dtype=np.int64)
 
 
 class RecurrentState:
@@ -112,31 +162,44 @@ class RecurrentState:
     def reset(self, batch_indices=None):
         """Zero the state of every sequence (``None``) or of the given ones, in place.
 
-        batch_indices: ints (list, numpy or torch), negative values count from the end.
-        Raises ValueError for an index out of range (nothing is reset then). Returns self.
+        batch_indices: an int, a sequence of ints (``[]``: nothing to reset) or an integer
+        array of any integer dtype (numpy, or torch on any device); negative values count
+        from the end, as in NumPy. All of it is checked before anything is written:
+        IndexError (also a ValueError) names an index outside ``[-batch, batch)``, TypeError
+        non-integers, ValueError a read-only part (TypeError one that requires grad) -- then
+        nothing is reset. Returns self.
         """
-        idx = None if batch_indices is None else as_indices(batch_indices)
-        # every tensor has the same batch, so if the first passes the C core's index
-        # check (made before it writes), all do: a bad index resets nothing
+        idx = None if batch_indices is None else as_indices(batch_indices, self.batch)
+        self._require_all_writable("reset")
         for name in self._tensors:
             _C.state_zero(self._t[name], idx)
         return self
 
     def copy_(self, other: "RecurrentState"):
         """Copy other's state into this one in place (same class, settings and shapes;
-        float dtypes may differ and are converted). Returns self."""
+        float dtypes may differ and are converted). Every part is checked before the first
+        write (a read-only or grad-requiring part refuses the whole copy). Returns self."""
         if type(other) is not type(self):
             raise TypeError(f"copy_: expected a {type(self).__name__}, got {type(other).__name__}")
         for key in self._settings:
             if self._s[key] != other._s[key]:
                 raise ValueError(f"copy_: {key} differs ({self._s[key]!r} here, {other._s[key]!r} in other)")
-        for name in self._tensors:  # check every shape before the first write
+        for name in self._tensors:
             a, b = self._t[name], other._t[name]
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"copy_: {name} has shape {tuple(b.shape)} in other, {tuple(a.shape)} here")
+        if other.device != self.device:
+            raise ValueError(f"copy_: other is on {other.device}, this {type(self).__name__} on {self.device}")
+        for name, t in other._t.items():
+            _arrays.require_no_grad(t, f"copy_: other's {type(self).__name__}.{name}")
+        self._require_all_writable("copy_")
+        self._copy_from(other)
+        return self
+
+    def _copy_from(self, other: "RecurrentState") -> None:
+        """The copy itself, all checks made and both flags held."""
         for name in self._tensors:
             _C.state_copy(self._t[name], other._t[name])
-        return self
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
@@ -144,9 +207,11 @@ class RecurrentState:
 
     def index_select(self, batch_indices):
         """A new state whose sequence i is this state's sequence ``batch_indices[i]``
-        (beam-search reordering; repeats allowed, len(batch_indices) is the new batch).
-        For an in-place reorder: ``state.copy_(state.index_select(order))``."""
-        idx = as_indices(batch_indices)
+        (beam-search reordering; repeats allowed, len(batch_indices) is the new batch, ``[]``
+        gives a state of batch 0). Indices as in ``reset`` (same errors, also raised before
+        anything is allocated). For an in-place reorder:
+        ``state.copy_(state.index_select(order))``."""
+        idx = as_indices(batch_indices, self.batch)
         new = self._zeros_like_self(len(idx))
         for name in self._tensors:
             _C.state_gather(new._t[name], self._t[name], idx)
@@ -167,9 +232,20 @@ class RecurrentState:
 
     def _require_writable(self) -> None:
         """Kernels write the state in place: torch tensors that require grad are refused
-        (torch's own __dlpack__ refuses them; the fast import path must too)."""
+        (torch's own __dlpack__ refuses them; the fast import path must too). The ops need
+        no more: they import every tensor, checking it is writable, before the kernel runs."""
         for name, t in self._t.items():
             _arrays.require_no_grad(t, f"{type(self).__name__}.{name}")
+
+    def _require_all_writable(self, op: str) -> None:
+        """For methods that write the tensors one C call at a time: refuse a read-only or
+        grad-requiring part before the first write, so that a refused call changes nothing."""
+        self._require_writable()
+        for name, t in self._t.items():
+            if _arrays.readonly(t):
+                raise ValueError(f"{op}: {type(self).__name__}.{name} is read-only (a numpy view with "
+                                 f"flags.writeable False, or an array exported read-only), but {op} writes every "
+                                 f"part of the state; nothing was changed")
 
     # -- files ------------------------------------------------------------------------
 

@@ -85,14 +85,16 @@ based_status based_state_zero(DLTensor *t_, const DLTensor *indices) {
     based_view t;
     BASED_TRY(check_state_tensor(&t, t_, "state", "reset"));
     BASED_TRY(based_check_no_self_overlap(&t));
-    if (t.numel == 0) return BASED_STATUS_OK;
     if (indices == NULL) {
-        for (int64_t b = 0; b < t.shape[0]; b++) for_each_in_row(&t, b, NULL, 0);
+        if (t.numel > 0)
+            for (int64_t b = 0; b < t.shape[0]; b++) for_each_in_row(&t, b, NULL, 0);
         return BASED_STATUS_OK;
     }
+    /* the indices are checked even when there is nothing to zero: a bad one is an error */
     int64_t *idx, n;
     BASED_TRY(read_indices(indices, t.shape[0], "reset", &idx, &n));
-    for (int64_t i = 0; i < n; i++) for_each_in_row(&t, idx[i], NULL, 0);
+    if (t.numel > 0)
+        for (int64_t i = 0; i < n; i++) for_each_in_row(&t, idx[i], NULL, 0);
     free(idx);
     return BASED_STATUS_OK;
 }

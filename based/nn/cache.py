@@ -34,8 +34,8 @@ class BasedCache:
 
     def reset(self, batch_indices=None) -> "BasedCache":
         """Zero the state of all sequences (None) or the given ones, in every layer. Returns self."""
-        if batch_indices is not None:
-            batch_indices = as_indices(batch_indices)
+        if batch_indices is not None:    # checked once, before any layer is reset
+            batch_indices = as_indices(batch_indices, self.batch)
         for s in self.states:
             s.reset(batch_indices)
         return self
@@ -43,12 +43,12 @@ class BasedCache:
     def index_select(self, batch_indices) -> "BasedCache":
         """A new cache whose sequence i is this cache's sequence ``batch_indices[i]``
         (beam search: keep and duplicate the surviving beams)."""
-        idx = as_indices(batch_indices)
+        idx = as_indices(batch_indices, self.batch)
         return BasedCache(s.index_select(idx) for s in self.states)
 
     def reorder_(self, batch_indices) -> "BasedCache":
         """In place: sequence i becomes sequence ``batch_indices[i]`` (same batch size). Returns self."""
-        idx = as_indices(batch_indices)
+        idx = as_indices(batch_indices, self.batch)
         if len(idx) != self.batch:
             raise ValueError(f"reorder_: {len(idx)} indices for a batch of {self.batch}; use index_select "
                              "to change the batch size")

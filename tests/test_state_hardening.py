@@ -1,0 +1,226 @@
+"""Recurrent states under misuse (issue 10): a refused state operation changes nothing,
+batch indices are range-checked whatever their integer dtype, one state is never driven by
+two calls at once, and damaged files are refused by name. Both state classes
+(LinearAttentionState, SlidingWindowCache) share the machinery, so each test runs on both."""
+
+
+import numpy as np
+import pytest
+from conftest import HAS_TORCH, requires_torch, to_numpy64, torch
+
+import based
+from based import _C
+
+B = 4
+
+
+def linear_state(batch=B, seed=0, like=None, big=False):
+    """A numpy-backed (torch if like) LinearAttentionState after a short prefill: H=2, Dk=3,
+    Dv=5, or with big=True the paper's H=8, Dk=16, Dv=64 (a decode step then takes long
+    enough for threads to overlap)."""
+    rng = np.random.default_rng(seed)
+    h, dk, dv = (8, 16, 64) if big else (2, 3, 5)
+    q, k = rng.standard_normal((2, batch, 6, h, dk)).astype(np.float32)
+    v = rng.standard_normal((batch, 6, h, dv)).astype(np.float32)
+    if like is not None:
+        q, k, v = (torch.from_numpy(x) for x in (q, k, v))
+    _, state = based.linear_attention_prefill(q, k, v)
+    return state
+
+
+def window_cache(batch=B, seed=0, like=None, big=False):
+    """A numpy-backed (torch if like) SlidingWindowCache after a short prefill: Hkv=2, W=5,
+    D=8, or with big=True Hkv=8, W=1024, D=64."""
+    rng = np.random.default_rng(seed)
+    hkv, w, d, t = (8, 1024, 64, 1100) if big else (2, 5, 8, 7)
+    q = rng.standard_normal((batch, t, 2 * hkv, d)).astype(np.float32)
+    k, v = rng.standard_normal((2, batch, t, hkv, d)).astype(np.float32)
+    if like is not None:
+        q, k, v = (torch.from_numpy(x) for x in (q, k, v))
+    _, cache = based.sliding_window_prefill(q, k, v, window=w)
+    return cache
+
+
+MAKERS = {"LinearAttentionState": linear_state, "SlidingWindowCache": window_cache}
+
+
+@pytest.fixture(params=sorted(MAKERS))
+def make(request):
+    return MAKERS[request.param]
+
+
+def snapshot(state):
+    return {name: to_numpy64(state._t[name]).copy() for name in state._tensors}
+
+
+def assert_unchanged(state, before):
+    for name, was in before.items():
+        np.testing.assert_array_equal(to_numpy64(state._t[name]), was, err_msg=f"{name} changed")
+
+
+def decode_step(state, seed=5):
+    """One decode call on ``state`` with fixed inputs (numpy)."""
+    rng = np.random.default_rng(seed)
+    b = state.batch
+    if isinstance(state, based.LinearAttentionState):
+        q, k = rng.standard_normal((2, b, state.heads, state.feature_dim)).astype(np.float32)
+        v = rng.standard_normal((b, state.heads, state.value_dim)).astype(np.float32)
+        return based.linear_attention_decode(q, k, v, state)
+    q = rng.standard_normal((b, 2 * state.kv_heads, state.head_dim)).astype(np.float32)
+    k, v = rng.standard_normal((2, b, state.kv_heads, state.head_dim)).astype(np.float32)
+    return based.sliding_window_decode(q, k, v, state)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. A refused state operation changes nothing
+# ---------------------------------------------------------------------------------------
+
+
+def read_only_cases():
+    return [(cls, name) for cls, names in (("LinearAttentionState", ("kv", "ksum", "tokens")),
+                                            ("SlidingWindowCache", ("k", "v", "tokens"))) for name in names]
+
+
+@pytest.mark.parametrize("cls,name", read_only_cases(), ids=lambda x: x)
+@pytest.mark.parametrize("op", ["reset-all", "reset-some", "copy_"])
+def test_read_only_part_refuses_the_whole_operation(cls, name, op):
+    state = MAKERS[cls]()
+    other = MAKERS[cls](seed=1)
+    getattr(state, name).flags.writeable = False
+    before = snapshot(state)
+    with pytest.raises(ValueError, match=rf"{op.split('-')[0]}: {cls}\.{name} is read-only"):
+        if op == "reset-all":
+            state.reset()
+        elif op == "reset-some":
+            state.reset([0, 2])
+        else:
+            state.copy_(other)
+    assert_unchanged(state, before)
+    getattr(state, name).flags.writeable = True      # and once writable again, it works
+    state.reset()
+    assert not to_numpy64(state.tokens).any()
+
+
+@pytest.mark.parametrize("cls,name", read_only_cases(), ids=lambda x: x)
+def test_read_only_part_refuses_decode(cls, name):
+    """The ops import every tensor (and check it is writable) before the kernel writes."""
+    state = MAKERS[cls]()
+    getattr(state, name).flags.writeable = False
+    before = snapshot(state)
+    with pytest.raises(ValueError, match="read-only"):
+        decode_step(state)
+    assert_unchanged(state, before)
+
+
+@requires_torch
+def test_part_requiring_grad_refuses_reset_and_copy(make):
+    state, other = make(like=torch), make(seed=1, like=torch)
+    last = state._tensors[1]
+    state._t[last].requires_grad_(True)
+    before = snapshot(state)
+    with pytest.raises(TypeError, match=f"{last} requires grad"):
+        state.reset()
+    with pytest.raises(TypeError, match=f"{last} requires grad"):
+        state.copy_(other)
+    assert_unchanged(state, before)
+    state._t[last].requires_grad_(False)
+    other._t[last].requires_grad_(True)             # a source that requires grad: nothing copied either
+    with pytest.raises(TypeError, match=f"{last} requires grad"):
+        state.copy_(other)
+    assert_unchanged(state, before)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Batch indices
+# ---------------------------------------------------------------------------------------
+
+
+BAD_INDICES = [
+    (np.array([2**64 - 1], np.uint64), "18446744073709551615"),
+    (np.array([0, B], np.int64), str(B)),
+    (np.array([-B - 1], np.int64), str(-B - 1)),
+    (np.array([B], np.uint8), str(B)),
+    ([2**64 - 1], "18446744073709551615"),
+    ([-1, 2**64 - 1], "18446744073709551615"),   # numpy would make this list float64
+    ([2**70], str(2**70)),
+    (np.uint64(2**63), str(2**63)),
+]
+
+
+@pytest.mark.parametrize("indices,shown", BAD_INDICES, ids=[f"bad{i}" for i in range(len(BAD_INDICES))])
+@pytest.mark.parametrize("method", ["reset", "index_select"])
+def test_out_of_range_index_is_an_index_error(make, indices, shown, method):
+    state = make()
+    before = snapshot(state)
+    with pytest.raises(IndexError, match=rf"batch_indices: batch index {shown} is out of range for batch size {B}"):
+        getattr(state, method)(indices)
+    assert_unchanged(state, before)
+
+
+@requires_torch
+def test_out_of_range_torch_uint64_index(make):
+    state = make()
+    before = snapshot(state)
+    idx = torch.from_numpy(np.array([2**64 - 1], np.uint64))
+    with pytest.raises(IndexError, match="batch index 18446744073709551615 is out of range"):
+        state.reset(idx)
+    assert_unchanged(state, before)
+
+
+def test_index_error_is_also_a_value_error(make):
+    """SPEC 4 promises ValueError for values out of range; IndexError is the Python name."""
+    with pytest.raises(ValueError, match="out of range"):
+        make().reset([B])
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64])
+def test_valid_indices_of_every_integer_dtype(make, dtype):
+    state = make()
+    ref = make()
+    signed = np.dtype(dtype).kind == "i"
+    idx = np.array([-1, 0] if signed else [B - 1, 0], dtype=dtype)
+    picked = state.index_select(idx)
+    for name in state._tensors:
+        np.testing.assert_array_equal(to_numpy64(picked._t[name]), to_numpy64(ref._t[name])[[B - 1, 0]])
+    state.reset(idx)
+    assert to_numpy64(state.tokens).tolist() == [0] + [to_numpy64(ref.tokens)[1]] * (B - 2) + [0]
+
+
+def test_negative_indices_count_from_the_end_as_in_numpy(make):
+    state = make()
+    tokens = to_numpy64(state.tokens).copy()
+    picked = state.index_select([-B, -1, 2])
+    np.testing.assert_array_equal(to_numpy64(picked.tokens), tokens[[-B, -1, 2]])
+
+
+def test_empty_list_is_a_no_op_reset_and_a_zero_row_select(make):
+    state = make()
+    before = snapshot(state)
+    for empty in ([], (), range(0), np.array([], np.int64)):
+        assert state.reset(empty) is state
+        assert_unchanged(state, before)
+        picked = state.index_select(empty)
+        assert type(picked) is type(state) and picked.batch == 0
+        assert picked._s == state._s
+        for name in state._tensors:
+            assert tuple(picked._t[name].shape) == (0,) + tuple(state._t[name].shape[1:])
+
+
+@pytest.mark.parametrize("indices", [[True], np.array([True, False]), [0, True], [1.0], np.array([0.0]),
+                                     np.array([], np.float64), "0", [[0]]], ids=lambda x: repr(x))
+def test_non_integer_indices_are_refused(make, indices):
+    state = make()
+    before = snapshot(state)
+    with pytest.raises((TypeError, ValueError), match="batch_indices"):
+        state.reset(indices)
+    with pytest.raises((TypeError, ValueError), match="batch_indices"):
+        state.index_select(indices)
+    assert_unchanged(state, before)
+
+
+def test_c_core_checks_indices_of_an_empty_state():
+    """The C API refuses a bad index even when there is nothing to zero."""
+    with pytest.raises(ValueError, match="batch index 5 is out of range for batch size 0"):
+        _C.state_zero(np.zeros((0, 3), np.float32), np.array([5]))
+    with pytest.raises(TypeError, match=r"batch_indices has an unsupported dtype \(uint, 64 bits"):
+        _C.state_zero(np.zeros((2, 3), np.float32), np.array([2**64 - 1], np.uint64))
