@@ -16,13 +16,19 @@ entry per tensor, named as the attribute (``kv``, ``ksum``, ``tokens``...), and 
 
 NumPy has no bfloat16, so bfloat16 and float16 tensors are stored as float32 (exact) and
 converted back on load; ``dtypes`` records what they were.
+
+One call at a time: every op and method that reads or writes a state holds its in-use flag
+(``RecurrentState._in_use``) for the duration of the call, and a second call on the same
+state meanwhile -- from another thread -- raises ``RuntimeError`` instead of racing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import operator
 import os
+import threading
 from typing import Any, ClassVar
 
 import numpy as np
@@ -119,6 +125,30 @@ def as_indices(indices: Any, batch: int, what: str = "batch_indices") -> np.ndar
     return np.ascontiguousarray(out, dtype=np.int64)
 
 
+class _InUse:
+    """The in-use flag of one state: a non-blocking lock taken for the duration of every op
+    and method that reads or writes the state. A second call meanwhile raises RuntimeError
+    at once (it never waits, so it can never deadlock); nothing is changed by that call."""
+
+    __slots__ = ("_lock", "_owner")
+
+    def __init__(self, owner: str):
+        self._lock = threading.Lock()
+        self._owner = owner
+
+    def __enter__(self):
+        if not self._lock.acquire(False):
+            raise RuntimeError(
+                f"this {self._owner} is already in use by another call (another thread is running an op or method "
+                f"on it); a state takes one call at a time, else updates would be lost. Give each thread its own "
+                f"state (clone()), or serialise the calls with a lock. This call changed nothing")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._lock.release()
+        return False
+
+
 class RecurrentState:
     """Base class: subclasses set ``_tensors`` (attribute names, batch on axis 0) and
     ``_settings`` (names of scalar settings), and implement ``_zeros_like_self(batch)``."""
@@ -129,6 +159,7 @@ class RecurrentState:
     def __init__(self, tensors: dict[str, Any], settings: dict[str, Any]):
         self._t = dict(tensors)
         self._s = dict(settings)
+        self._in_use = _InUse(type(self).__name__)
 
     # -- properties -------------------------------------------------------------------
 
@@ -166,19 +197,22 @@ class RecurrentState:
         array of any integer dtype (numpy, or torch on any device); negative values count
         from the end, as in NumPy. All of it is checked before anything is written:
         IndexError (also a ValueError) names an index outside ``[-batch, batch)``, TypeError
-        non-integers, ValueError a read-only part (TypeError one that requires grad) -- then
-        nothing is reset. Returns self.
+        non-integers, ValueError a read-only part (TypeError one that requires grad), and
+        RuntimeError a call running on this state in another thread -- then nothing is
+        reset. Returns self.
         """
         idx = None if batch_indices is None else as_indices(batch_indices, self.batch)
         self._require_all_writable("reset")
-        for name in self._tensors:
-            _C.state_zero(self._t[name], idx)
+        with self._in_use:
+            for name in self._tensors:
+                _C.state_zero(self._t[name], idx)
         return self
 
     def copy_(self, other: "RecurrentState"):
         """Copy other's state into this one in place (same class, settings and shapes;
         float dtypes may differ and are converted). Every part is checked before the first
-        write (a read-only or grad-requiring part refuses the whole copy). Returns self."""
+        write (a read-only or grad-requiring part, another call running on either state
+        refuse the whole copy). Returns self."""
         if type(other) is not type(self):
             raise TypeError(f"copy_: expected a {type(self).__name__}, got {type(other).__name__}")
         for key in self._settings:
@@ -193,7 +227,8 @@ class RecurrentState:
         for name, t in other._t.items():
             _arrays.require_no_grad(t, f"copy_: other's {type(self).__name__}.{name}")
         self._require_all_writable("copy_")
-        self._copy_from(other)
+        with self._in_use, (contextlib.nullcontext() if other is self else other._in_use):
+            self._copy_from(other)
         return self
 
     def _copy_from(self, other: "RecurrentState") -> None:
@@ -203,7 +238,10 @@ class RecurrentState:
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
-        return self._zeros_like_self(self.batch).copy_(self)
+        new = self._zeros_like_self(self.batch)
+        with self._in_use:
+            new._copy_from(self)
+        return new
 
     def index_select(self, batch_indices):
         """A new state whose sequence i is this state's sequence ``batch_indices[i]``
@@ -213,8 +251,9 @@ class RecurrentState:
         ``state.copy_(state.index_select(order))``."""
         idx = as_indices(batch_indices, self.batch)
         new = self._zeros_like_self(len(idx))
-        for name in self._tensors:
-            _C.state_gather(new._t[name], self._t[name], idx)
+        with self._in_use:
+            for name in self._tensors:
+                _C.state_gather(new._t[name], self._t[name], idx)
         return new
 
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
@@ -258,7 +297,8 @@ class RecurrentState:
             "dtypes": {name: _dtype_name(self._t[name]) for name in self._tensors},
             "settings": self._s,
         }
-        arrays = {name: _host_copy(self._t[name]) for name in self._tensors}
+        with self._in_use:
+            arrays = {name: _host_copy(self._t[name]) for name in self._tensors}
         arrays["__based_state__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(os.fspath(path), "wb") as f:      # an exact path: savez would append .npz
             np.savez(f, **arrays)

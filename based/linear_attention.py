@@ -59,6 +59,17 @@ class LinearAttentionState(RecurrentState):
 
     Batch management (``reset``, ``copy_``, ``clone``, ``index_select``) and files
     (``save``/``load``, NumPy .npz + JSON metadata) come from ``based._state.RecurrentState``.
+    A method that refuses its arguments or the state (a read-only view, an index out of
+    range) changes nothing.
+
+    Threads: a state takes one call at a time. Every op and method that reads or writes it
+    (``linear_attention_prefill``/``_decode``, ``reset``, ``copy_`` -- on both states --,
+    ``clone``, ``index_select``, ``save``, ``to_expanded``) holds the state's in-use flag
+    while it runs, and a second call on the same state meanwhile, from another thread,
+    raises ``RuntimeError`` at once and changes nothing (it does not wait: decoding one
+    state from two threads is a bug, as it would lose updates). Independent states run in
+    parallel threads freely (the GIL is released in the kernels). Writing through the
+    ``kv``/``ksum``/``tokens`` views is not guarded.
     """
 
     _tensors = ("kv", "ksum", "tokens")
@@ -158,7 +169,8 @@ class LinearAttentionState(RecurrentState):
         dtype = _dtype_name(self.kv)
         kv_e = _arrays.empty(self.kv, (b, h, rows, dv), dtype)
         ksum_e = _arrays.empty(self.ksum, (b, h, rows), dtype)
-        _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e)
+        with self._in_use:
+            _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e)
         return kv_e, ksum_e
 
     @classmethod
@@ -271,8 +283,12 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
     Raises:
         TypeError: non-arrays, unsupported or mismatched dtypes, a non-state ``state``,
             inputs that require grad.
-        ValueError: shapes, strides (out/state overlapping themselves or an input), devices,
-            settings (scale, eps), a read-only out or state. Nothing is written then.
+        ValueError: shapes (with ``state=None``, a state whose size would overflow 64-bit
+            indexing is refused before anything is allocated), strides (out/state
+            overlapping themselves or an input), devices, settings (scale, eps), a read-only
+            out or state. Nothing is written then.
+        RuntimeError: ``state`` is in use by a call running in another thread (see
+            ``LinearAttentionState``); nothing is written.
         NotImplementedError: CUDA arrays (no CUDA kernel in this build yet).
     """
     qi = _arrays.float_input(q, "q", "(B, T, H, Dk)")
@@ -294,7 +310,8 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
     _arrays.require_no_grad(out, "out")
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
-    _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
+    with state._in_use:
+        _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
     return out, state
 
 
@@ -315,8 +332,8 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
         o ``(B, H, Dv)`` in v's dtype and array type (``out`` if given).
 
     Raises:
-        TypeError, ValueError, NotImplementedError: as ``linear_attention_prefill``; a
-        rejected call leaves ``out`` and the state unchanged.
+        TypeError, ValueError, RuntimeError, NotImplementedError: as
+        ``linear_attention_prefill``; a rejected call leaves ``out`` and the state unchanged.
     """
     _require_state(state)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -328,5 +345,6 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
     if out is None:
         vi = _arrays.float_input(v, "v", "(B, H, Dv)")
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
-    _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps)
+    with state._in_use:
+        _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps)
     return out

@@ -58,7 +58,16 @@ class SlidingWindowCache(RecurrentState):
     Settings: ``window`` (keys attended per query, the query's own included) and
     ``scale``; calls that pass a different one fail (SPEC 3). Batch management
     (``reset``, ``copy_``, ``clone``, ``index_select``, ``save``/``load``) comes from
-    ``based._state.RecurrentState``.
+    ``based._state.RecurrentState``; a method that refuses its arguments or the cache (a
+    read-only view, an index out of range) changes nothing.
+
+    Threads: a cache takes one call at a time. Every op and method that reads or writes it
+    (``sliding_window_prefill``/``_decode``, ``reset``, ``copy_`` -- on both caches --,
+    ``clone``, ``index_select``, ``save``) holds the cache's in-use flag while it runs, and a
+    second call on the same cache meanwhile, from another thread, raises ``RuntimeError``
+    at once and changes nothing (it does not wait: decoding one cache from two threads is a
+    bug, as it would lose updates). Independent caches run in parallel threads freely.
+    Writing through the ``k``/``v``/``tokens`` views is not guarded.
     """
 
     _tensors = ("k", "v", "tokens")
@@ -228,8 +237,11 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
         TypeError: a non-array, unsupported or mismatched dtypes (the cache's included), a
             tensor that requires grad, a cache that is not a SlidingWindowCache.
         ValueError: shapes (incl. H % Hkv != 0, D out of 1..256), a window or scale that is
-            out of range or disagrees with the cache, devices that differ, out overlapping
-            an input, the cache or itself, a read-only out.
+            out of range or disagrees with the cache, a new cache too large for 64-bit
+            indexing (refused before anything is allocated), devices that differ, out
+            overlapping an input, the cache or itself, a read-only out.
+        RuntimeError: ``cache`` is in use by a call running in another thread (see
+            ``SlidingWindowCache``).
         NotImplementedError: CUDA arrays (the CUDA kernels are a separate issue).
     On any error nothing is written: out and the cache keep every bit.
     """
@@ -255,7 +267,8 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
     _arrays.require_no_grad(out, "out")
     if out is None:
         out = _arrays.empty(v, (batch, seqlen, heads, head_dim), vi.dtype, qi.device)
-    _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    with cache._in_use:
+        _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
     return out, cache
 
 
@@ -276,8 +289,8 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
         o: ``(B, H, D)``, v's dtype and array type (``out`` if given).
 
     Raises:
-        TypeError, ValueError, NotImplementedError: as ``sliding_window_prefill``; on any
-        error out and the cache keep every bit.
+        TypeError, ValueError, RuntimeError, NotImplementedError: as
+        ``sliding_window_prefill``; on any error out and the cache keep every bit.
     """
     _require_cache(cache)
     cache._require_writable()
@@ -286,5 +299,6 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
     _check_cache_fits(cache, qi, ki, vi)
     if out is None:
         out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)
-    _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    with cache._in_use:
+        _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
     return out

@@ -139,9 +139,10 @@ class BaseConv(nn.Module):
         """Run ``(B, T, dim)`` tokens that continue ``state``; update the state in place.
         Inference only (no autograd)."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        conv, padded = self._convolve(u1, state.inputs)
-        state.inputs.copy_(padded[..., padded.shape[-1] - (self.kernel_size - 1):])
-        state.tokens.add_(x.shape[1])
+        with state._in_use:
+            conv, padded = self._convolve(u1, state.inputs)
+            state.inputs.copy_(padded[..., padded.shape[-1] - (self.kernel_size - 1):])
+            state.tokens.add_(x.shape[1])
         return self._gate_out(conv, u2)
 
     @torch.no_grad()
@@ -149,8 +150,9 @@ class BaseConv(nn.Module):
         """One decode token per sequence, ``(B, dim) -> (B, dim)``; update the state in place.
         Inference only (no autograd)."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)                       # (B, C) each
-        taps = torch.cat((state.inputs.to(u1.dtype), u1[:, :, None]), dim=-1)   # (B, C, k)
+        with state._in_use:
+            taps = torch.cat((state.inputs.to(u1.dtype), u1[:, :, None]), dim=-1)   # (B, C, k)
+            state.inputs.copy_(taps[..., 1:])
+            state.tokens.add_(1)
         conv = (taps * self.conv.weight[:, 0, :]).sum(-1) + self.conv.bias
-        state.inputs.copy_(taps[..., 1:])
-        state.tokens.add_(1)
         return self._gate_out(conv, u2)
