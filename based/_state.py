@@ -29,6 +29,8 @@ import json
 import operator
 import os
 import threading
+import zipfile
+import zlib
 from typing import Any, ClassVar
 
 import numpy as np
@@ -149,12 +151,20 @@ class _InUse:
         return False
 
 
+# What np.load and the zip/npy readers raise for a file that is not a (whole) .npz archive
+_DAMAGED = (ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
+            NotImplementedError, OverflowError)
+
+
 class RecurrentState:
     """Base class: subclasses set ``_tensors`` (attribute names, batch on axis 0) and
     ``_settings`` (names of scalar settings), and implement ``_zeros_like_self(batch)``."""
 
     _tensors: ClassVar[tuple[str, ...]] = ()
     _settings: ClassVar[tuple[str, ...]] = ()
+
+    #: optional ndim of each tensor, checked when a file is read
+    _ndims: ClassVar[dict[str, int]] = {}
 
     def __init__(self, tensors: dict[str, Any], settings: dict[str, Any]):
         self._t = dict(tensors)
@@ -305,20 +315,85 @@ class RecurrentState:
 
     @classmethod
     def _read(cls, path) -> tuple[dict, dict[str, np.ndarray]]:
-        with np.load(os.fspath(path), allow_pickle=False) as z:
-            if "__based_state__" not in z.files:
-                raise ValueError(f"{path} is not a based state file (no __based_state__ entry)")
-            meta = json.loads(bytes(z["__based_state__"]).decode())
-            arrays = {name: z[name] for name in z.files if name != "__based_state__"}
+        """The metadata and host arrays of a file written by ``save``, checked for
+        everything a state needs (format, class, entries, dtypes, ndims, one batch,
+        tokens >= 0). ValueError naming the file for anything else -- an empty, truncated
+        or damaged file, or one that is not a saved ``cls``; OSError (e.g.
+        FileNotFoundError) as open raises it."""
+        where = os.fspath(path)
+        raw, arrays = None, {}
+        with open(where, "rb") as f:       # ours to close, whatever np.load makes of it
+            try:
+                loaded = np.load(f, allow_pickle=False)
+                if isinstance(loaded, np.lib.npyio.NpzFile):
+                    with loaded as z:
+                        for name in z.files:    # read every entry: a damaged one fails here
+                            if name == "__based_state__":
+                                raw = bytes(z[name])
+                            else:
+                                arrays[name] = z[name]
+            except _DAMAGED as exc:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise ValueError(f"{where} is not a based state file: it is empty") from exc
+                raise ValueError(f"{where} is not a based state file, or is truncated or damaged "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError(f"{where} is not a based state file: it holds a single array (.npy), not a .npz archive")
+        if raw is None:
+            raise ValueError(f"{where} is not a based state file (no __based_state__ entry)")
+        try:
+            meta = json.loads(raw.decode())
+        except ValueError as exc:            # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{where}: its __based_state__ entry is not UTF-8 JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: its __based_state__ entry is not a JSON object")
         if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported state file format {meta.get('format')!r} "
+            raise ValueError(f"{where}: unsupported state file format {meta.get('format')!r} "
                              f"version {meta.get('version')!r}")
         if meta.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {meta.get('class')}, not a {cls.__name__}")
+            raise ValueError(f"{where} holds a {meta.get('class')}, not a {cls.__name__}")
         missing = [n for n in cls._tensors if n not in arrays]
         if missing:
-            raise ValueError(f"{path} lacks the tensors {missing}")
+            raise ValueError(f"{where} lacks the tensors {missing}")
+        dtypes, settings = meta.get("dtypes"), meta.get("settings")
+        if not isinstance(dtypes, dict) or not isinstance(settings, dict):
+            raise ValueError(f"{where}: its metadata lacks the 'dtypes' or 'settings' object")
+        absent = [k for k in cls._settings if k not in settings]
+        if absent:
+            raise ValueError(f"{where}: its metadata lacks the settings {absent}")
+        for name in cls._tensors:
+            a, saved = arrays[name], dtypes.get(name)
+            want = ("int64",) if name == "tokens" else _arrays.FLOAT_DTYPES
+            stored = ("int64",) if name == "tokens" else ("float32", "float64")
+            if saved not in want or a.dtype.name not in stored:
+                raise ValueError(f"{where}: {name} is stored as {a.dtype.name} and recorded as {saved!r}; a saved "
+                                 f"{cls.__name__} has {name} recorded as one of {', '.join(want)}")
+            if name in cls._ndims and a.ndim != cls._ndims[name]:
+                raise ValueError(f"{where}: {name} has shape {a.shape}, not {cls._ndims[name]}-D")
+            if a.ndim < 1 or a.shape[0] != arrays[cls._tensors[0]].shape[0]:
+                raise ValueError(f"{where}: {name} has shape {a.shape}, whose batch (axis 0) is not that of "
+                                 f"{cls._tensors[0]} {arrays[cls._tensors[0]].shape}")
+        if "tokens" in arrays and arrays["tokens"].size and arrays["tokens"].min() < 0:
+            raise ValueError(f"{where}: tokens holds a negative count ({int(arrays['tokens'].min())})")
         return meta, arrays
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _file_errors(path, cls_name: str):
+        """Within it, a TypeError or ValueError about what a file holds (its sizes and
+        settings) becomes a ValueError naming the file."""
+        try:
+            yield
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{os.fspath(path)} does not hold a valid {cls_name}: {exc}") from exc
+
+    @staticmethod
+    def _load_like(like, device):
+        """What a load without ``like=`` returns: numpy arrays for a host state (based.Buffer
+        only where numpy lacks the dtype, i.e. bfloat16), based.Buffer on a CUDA device."""
+        if like is None and (device is None or _arrays.parse_device(device)[0] == _arrays.DLPACK_CPU):
+            return np.empty(0, np.float32)
+        return like
 
     def _fill_from(self, arrays: dict[str, np.ndarray]):
         for name in self._tensors:

@@ -74,6 +74,7 @@ class LinearAttentionState(RecurrentState):
 
     _tensors = ("kv", "ksum", "tokens")
     _settings = ("scale",)
+    _ndims = {"kv": 4, "ksum": 3, "tokens": 1}
 
     @classmethod
     def zeros(cls, batch: int, heads: int, feature_dim: int, value_dim: int, *, dtype: str = "float32",
@@ -213,18 +214,29 @@ class LinearAttentionState(RecurrentState):
     def load(cls, path, *, like=None, device=None) -> "LinearAttentionState":
         """Read a state written by ``save`` (format: ``based._state``'s docstring).
 
-        The tensors come back in like's array type (None: based.Buffer), on ``device``
-        (default like's, else 'cpu'), in the dtype they were saved with.
-        Raises ValueError for a file that is not a LinearAttentionState.
+        The tensors come back in the dtype they were saved with, in like's array type on
+        ``device`` (default like's, else 'cpu'). Without ``like``, a host state is NumPy
+        arrays -- except a bfloat16 kv/ksum, which NumPy cannot hold: those are
+        ``based.Buffer`` objects (``torch.from_dlpack`` views them; pass ``like=`` a torch
+        tensor to get torch tensors) -- and a CUDA state is ``based.Buffer`` objects.
+
+        Raises:
+            ValueError: naming the file, for one that is empty, truncated, damaged, or not a
+                saved LinearAttentionState (or holds sizes or settings no state can have).
+            OSError: as ``open`` raises it (e.g. FileNotFoundError).
+            TypeError, ValueError: a bad ``like`` or ``device``.
         """
         meta, arrays = cls._read(path)
-        b, h, f, dv = (int(s) for s in arrays["kv"].shape)
-        dk = _dk_from_compact(f)
-        if dk < 1:
-            raise ValueError(f"{path}: kv has {f} feature rows, not 1 + Dk + Dk(Dk+1)/2 for any Dk")
-        state = cls.zeros(b, h, dk, dv, dtype=meta["dtypes"]["kv"], scale=meta["settings"]["scale"], like=like,
-                          device=device)
-        return state._fill_from(arrays)
+        with cls._file_errors(path, cls.__name__):
+            b, h, f, dv = (int(s) for s in arrays["kv"].shape)
+            dk = _dk_from_compact(f)
+            if dk < 1:
+                raise ValueError(f"kv has {f} feature rows, not 1 + Dk + Dk(Dk+1)/2 for any Dk")
+            settings = {"dtype": meta["dtypes"]["kv"], "scale": meta["settings"]["scale"]}
+            cls.zeros(0, h, dk, dv, **settings)   # the file's sizes and settings, by zeros' rules; allocates nothing
+        state = cls.zeros(b, h, dk, dv, like=cls._load_like(like, device), device=device, **settings)
+        with cls._file_errors(path, cls.__name__):
+            return state._fill_from(arrays)
 
 
 def _resolve_scale(scale, state: LinearAttentionState) -> float:

@@ -72,6 +72,7 @@ class SlidingWindowCache(RecurrentState):
 
     _tensors = ("k", "v", "tokens")
     _settings = ("window", "scale")
+    _ndims = {"k": 4, "v": 4, "tokens": 1}
 
     @classmethod
     def zeros(cls, batch, kv_heads, window, head_dim, *, dtype=None, device=None, scale=None, like=None):
@@ -120,19 +121,31 @@ class SlidingWindowCache(RecurrentState):
     @classmethod
     def load(cls, path, *, device=None, like=None):
         """A cache read from a file written by ``save`` (format: based._state docstring),
-        in like's array type on ``device`` (as in ``zeros``), with its saved dtype.
+        with its saved dtype, in like's array type on ``device`` (default like's, else
+        'cpu'). Without ``like``, a host cache is NumPy arrays -- except bfloat16 k/v,
+        which NumPy cannot hold: those are ``based.Buffer`` objects (``torch.from_dlpack``
+        views them; pass ``like=`` a torch tensor to get torch tensors) -- and a CUDA cache
+        is ``based.Buffer`` objects.
 
-        Raises ValueError for a file that is not a saved SlidingWindowCache.
+        Raises:
+            ValueError: naming the file, for one that is empty, truncated, damaged, or not a
+                saved SlidingWindowCache (or holds sizes or settings no cache can have).
+            OSError: as ``open`` raises it (e.g. FileNotFoundError).
+            TypeError, ValueError: a bad ``like`` or ``device``.
         """
         meta, arrays = cls._read(path)
-        batch, kv_heads, window, head_dim = arrays["k"].shape
-        settings = meta.get("settings", {})
-        if settings.get("window") != window:
-            raise ValueError(f"{path}: window setting {settings.get('window')!r} does not match k's shape "
-                             f"{arrays['k'].shape}")
-        new = cls.zeros(batch, kv_heads, window, head_dim, dtype=meta["dtypes"]["k"], device=device,
-                        scale=settings.get("scale"), like=like)
-        return new._fill_from(arrays)
+        with cls._file_errors(path, cls.__name__):
+            batch, kv_heads, window, head_dim = (int(n) for n in arrays["k"].shape)
+            settings = meta["settings"]
+            if settings["window"] != window or _args.is_bool(settings["window"]):
+                raise ValueError(f"window setting {settings['window']!r} does not match k's shape "
+                                 f"{arrays['k'].shape}")
+            settings = {"dtype": meta["dtypes"]["k"], "scale": settings["scale"]}
+            cls.zeros(0, kv_heads, window, head_dim, **settings)   # by zeros' rules; allocates nothing
+        new = cls.zeros(batch, kv_heads, window, head_dim, device=device, like=cls._load_like(like, device),
+                        **settings)
+        with cls._file_errors(path, cls.__name__):
+            return new._fill_from(arrays)
 
     def _zeros_like_self(self, batch: int):
         k = self._t["k"]

@@ -5,6 +5,7 @@ two calls at once, and damaged files are refused by name. Both state classes
 
 import threading
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -350,3 +351,109 @@ def test_independent_states_in_threads_are_bit_identical(make):
         t.join()
     for i in range(1, 4):
         np.testing.assert_array_equal(np.stack(outs[i]), np.stack(outs[0]))
+
+
+# ---------------------------------------------------------------------------------------
+# 8. Files: damaged ones are refused by name; a plain load gives numpy arrays
+# ---------------------------------------------------------------------------------------
+
+
+def damaged_files(tmp_path, state):
+    """(label, path) of files that are not a valid saved ``state``."""
+    good = tmp_path / "good.npz"
+    state.save(good)
+    data = good.read_bytes()
+    files = {"empty": b"", "text": b"hello, world\n" * 10, "half": data[: len(data) // 2],
+             "head": data[:30], "tail-cut": data[:-10]}
+    out = []
+    for label, content in files.items():
+        p = tmp_path / f"{label}.bin"
+        p.write_bytes(content)
+        out.append((label, p))
+    p = tmp_path / "array.npy"
+    np.save(p, np.zeros(3))
+    out.append(("npy", p))
+    p = tmp_path / "empty-zip.npz"
+    with zipfile.ZipFile(p, "w"):
+        pass
+    out.append(("empty-zip", p))
+    corrupt = bytearray(data)                       # flip bytes inside the first entry's data
+    at = data.index(b"NUMPY") + 200
+    corrupt[at:at + 16] = b"\xff" * 16
+    p = tmp_path / "corrupt.npz"
+    p.write_bytes(bytes(corrupt))
+    out.append(("crc", p))
+
+    def rewrite(label, meta=None, **arrays):
+        with np.load(good) as z:
+            entries = {n: z[n] for n in z.files}
+        if meta is not None:
+            entries["__based_state__"] = np.frombuffer(meta, np.uint8)
+        entries.update(arrays)
+        path = tmp_path / f"{label}.npz"
+        with open(path, "wb") as f:
+            np.savez(f, **entries)
+        out.append((label, path))
+
+    rewrite("json", meta=b"{not json")
+    rewrite("not-utf8", meta=b"\xff\xfe")
+    rewrite("list-meta", meta=b"[1, 2]")
+    meta = __import__("json").loads(bytes(np.load(good)["__based_state__"]).decode())
+    dumps = __import__("json").dumps
+    rewrite("no-settings", meta=dumps({k: v for k, v in meta.items() if k != "settings"}).encode())
+    rewrite("bad-scale", meta=dumps({**meta, "settings": {**meta["settings"], "scale": "big"}}).encode())
+    rewrite("bad-dtype", meta=dumps({**meta, "dtypes": {**meta["dtypes"], state._tensors[0]: "int8"}}).encode())
+    rewrite("float-tokens", tokens=np.zeros(state.batch))
+    rewrite("negative-tokens", tokens=-np.ones(state.batch, np.int64))
+    rewrite("batch-mismatch", tokens=np.zeros(state.batch + 1, np.int64))
+    first = state._tensors[0]
+    rewrite("flat", **{first: np.zeros(7, np.float32)})
+    second = state._tensors[1]
+    rewrite("shape-mismatch", **{second: np.zeros((state.batch, 1, 1, 1)[: to_numpy64(state._t[second]).ndim],
+                                                  np.float32)})
+    return out
+
+
+def test_damaged_files_are_value_errors_naming_the_file(make, tmp_path):
+    state = make()
+    cls = type(state)
+    for label, path in damaged_files(tmp_path, state):
+        with pytest.raises(ValueError) as info:
+            cls.load(path)
+        assert str(path) in str(info.value), (label, str(info.value))
+    with pytest.raises(FileNotFoundError):          # a missing file is not a damaged one
+        cls.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_load_without_like_gives_numpy_arrays(make, tmp_path, dtype):
+    state = make()
+    typed = type(state).zeros(*((state.batch, state.heads, state.feature_dim, state.value_dim)
+                                if isinstance(state, based.LinearAttentionState)
+                                else (state.batch, state.kv_heads, state.window, state.head_dim)),
+                              dtype=dtype, scale=state.scale, like=np.zeros(1))
+    typed.copy_(state)
+    typed.save(tmp_path / "s.npz")
+    back = type(state).load(tmp_path / "s.npz")
+    for name in state._tensors:
+        assert isinstance(back._t[name], np.ndarray), name
+        np.testing.assert_array_equal(back._t[name], typed._t[name])
+    assert back._t[state._tensors[0]].dtype == np.dtype(dtype)
+
+
+def test_load_bfloat16_without_like_is_based_buffers(make, tmp_path):
+    """numpy has no bfloat16: those tensors come back as based.Buffer (tokens as numpy)."""
+    state = make()
+    dims = ((state.batch, state.heads, state.feature_dim, state.value_dim)
+            if isinstance(state, based.LinearAttentionState) else (state.batch, state.kv_heads, state.window,
+                                                                   state.head_dim))
+    bf = type(state).zeros(*dims, dtype="bfloat16", scale=state.scale)
+    bf.copy_(state)
+    bf.save(tmp_path / "s.npz")
+    back = type(state).load(tmp_path / "s.npz")
+    first = state._tensors[0]
+    assert isinstance(back._t[first], based.Buffer) and back._t[first].dtype == "bfloat16"
+    assert isinstance(back.tokens, np.ndarray)
+    if HAS_TORCH:
+        for name in state._tensors:
+            np.testing.assert_array_equal(to_numpy64(back._t[name]), to_numpy64(bf._t[name]))

@@ -55,6 +55,7 @@ class BaseConvState(RecurrentState):
 
     _tensors = ("inputs", "tokens")
     _settings = ("kernel_size",)
+    _ndims = {"inputs": 3, "tokens": 1}
 
     @classmethod
     def zeros(cls, batch: int, channels: int, kernel_size: int, *, dtype=torch.float32, device="cpu"):
@@ -83,12 +84,20 @@ class BaseConvState(RecurrentState):
 
     @classmethod
     def load(cls, path, device="cpu"):
-        """Read a state written by ``save``."""
+        """Read a state written by ``save``. ValueError naming the file for one that is not
+        a saved BaseConvState (empty, truncated, damaged, or of impossible sizes)."""
         meta, arrays = cls._read(path)
-        dtype = getattr(torch, meta["dtypes"]["inputs"])
-        batch, channels, _ = arrays["inputs"].shape
-        state = cls.zeros(batch, channels, int(meta["settings"]["kernel_size"]), dtype=dtype, device=device)
-        return state._fill_from(arrays)
+        with cls._file_errors(path, cls.__name__):
+            dtype = getattr(torch, meta["dtypes"]["inputs"])
+            batch, channels, taps = arrays["inputs"].shape
+            kernel_size = meta["settings"]["kernel_size"]
+            if type(kernel_size) is not int or kernel_size != taps + 1:
+                raise ValueError(f"kernel_size setting {kernel_size!r} does not match inputs' shape "
+                                 f"{arrays['inputs'].shape}")
+            cls.zeros(0, channels, kernel_size, dtype=dtype)
+        state = cls.zeros(batch, channels, kernel_size, dtype=dtype, device=device)
+        with cls._file_errors(path, cls.__name__):
+            return state._fill_from(arrays)
 
 
 class BaseConv(nn.Module):
