@@ -354,3 +354,46 @@ def test_based_imports_without_torch_and_based_nn_says_why():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "based.nn needs PyTorch" in r.stdout
+
+
+def test_tied_and_padded_vocabulary(tmp_path):
+    """tie_embeddings: one matrix for embedding and LM head, written once; the vocabulary padded
+    to a multiple: logits cover the padding rows, token ids stop at vocab_size, generate never
+    samples a padding id."""
+    c = small_config(vocab_size=250, pad_vocab_size_multiple=16, tie_embeddings=True)
+    model = make_model(c, dtype=torch.float32)
+    assert c.padded_vocab_size == 256 and model.lm_head.weight is model.embed.weight
+    x = torch.randint(0, 250, (2, 7))
+    with torch.no_grad():
+        assert model(x).shape == (2, 7, 256)
+        model.lm_head.weight[250:] = 0.0
+        model.norm.weight.zero_()                # every logit 0: the padding rows tie for argmax
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 250\)"):
+        model.step(torch.tensor([250, 0]), model.new_cache(2))
+    g = bnn.generate(model, x, 20, temperature=1.0, seed=0)
+    assert int(g.tokens.max()) < 250
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "embed.weight" in f.keys()
+    again = bnn.BasedLM.from_pretrained(tmp_path)
+    assert again.lm_head.weight is again.embed.weight
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_partial_rotary_is_relative_and_leaves_the_rest(interleaved):
+    torch.manual_seed(6)
+    x = torch.randn(1, 5, 2, 12, dtype=torch.float64)
+    y = torch.randn(1, 5, 2, 12, dtype=torch.float64)
+    kw = dict(rotary_dim=8, interleaved=interleaved)
+    rx = fn.apply_rotary(x, fn.rotary_positions(3, 5), 100.0, **kw)
+    ry = fn.apply_rotary(y, fn.rotary_positions(0, 5), 100.0, **kw)
+    assert torch.equal(rx[..., 8:], x[..., 8:])
+    # rotating both by the same extra offset keeps every dot product
+    rx2 = fn.apply_rotary(x, fn.rotary_positions(10, 5), 100.0, **kw)
+    ry2 = fn.apply_rotary(y, fn.rotary_positions(7, 5), 100.0, **kw)
+    torch.testing.assert_close((rx * ry).sum(-1), (rx2 * ry2).sum(-1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="rotary_dim must be even"):
+        fn.apply_rotary(x, fn.rotary_positions(0, 5), rotary_dim=7)

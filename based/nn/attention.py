@@ -25,15 +25,17 @@ class LinearAttention(nn.Module):
     q and k are projected to ``heads x feature_dim`` (Dk, 16 in the paper), v to
     ``heads x head_dim`` (Dv: 64 in the 360M model, 112 in the 1.3B one); the heads' outputs
     are concatenated and projected back to ``dim``. No positional encoding (paper.md Sec. 1.7),
-    no biases. Normalised, ``eps`` in the denominator, ``scale = 1 / sqrt(feature_dim)``.
+    no biases. Normalised, ``eps`` in the denominator, ``scale`` default ``1 / sqrt(feature_dim)``
+    (the paper's Taylor map, whose feature map divides x by Dk^(1/4) and x x^T by sqrt(2 Dk)).
 
     Shapes: ``forward``: ``(B, T, dim) -> (B, T, dim)``.
     """
 
-    def __init__(self, dim: int, heads: int, feature_dim: int = 16, head_dim: int = 64, eps: float = 1e-6):
+    def __init__(self, dim: int, heads: int, feature_dim: int = 16, head_dim: int = 64, eps: float = 1e-6,
+                 scale: float | None = None):
         super().__init__()
         self.heads, self.feature_dim, self.head_dim, self.eps = heads, feature_dim, head_dim, eps
-        self.scale = 1.0 / math.sqrt(feature_dim)
+        self.scale = 1.0 / math.sqrt(feature_dim) if scale is None else float(scale)
         self.q_proj = nn.Linear(dim, heads * feature_dim, bias=False)
         self.k_proj = nn.Linear(dim, heads * feature_dim, bias=False)
         self.v_proj = nn.Linear(dim, heads * head_dim, bias=False)
@@ -86,14 +88,16 @@ class SlidingWindowAttention(nn.Module):
     Query t attends keys ``(t - window, t]`` (``window`` keys, itself included). q is projected
     to ``heads x head_dim``, k and v to ``kv_heads x head_dim`` (``kv_heads`` divides ``heads``;
     query head h reads kv head ``h // (heads // kv_heads)``). Rotary embeddings (full head dim,
-    non-interleaved, ``rotary_base``) are applied to q and k in ``project``, before attention.
-    ``scale = 1 / sqrt(head_dim)``; no biases.
+    non-interleaved, ``rotary_base``; ``rotary_dim`` and ``rotary_interleaved`` as in
+    ``functional.apply_rotary``) are applied to q and k in ``project``, before attention.
+    ``scale = 1 / sqrt(head_dim)``; no biases unless ``qkv_bias`` / ``out_bias``.
 
     Shapes: ``forward``: ``(B, T, dim) -> (B, T, dim)``.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, window: int,
-                 rotary_base: float = 10000.0):
+                 rotary_base: float = 10000.0, *, rotary_dim: int | None = None, rotary_interleaved: bool = False,
+                 qkv_bias: bool = False, out_bias: bool = False):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
@@ -101,11 +105,12 @@ class SlidingWindowAttention(nn.Module):
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.window, self.rotary_base = window, rotary_base
+        self.rotary_dim, self.rotary_interleaved = rotary_dim, rotary_interleaved
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
-        self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
 
     def project(self, x: torch.Tensor, start=0):
         """``(B, T, dim)`` at positions ``start + [0, T)`` -> q ``(B, T, H, D)``, k and v
@@ -116,8 +121,9 @@ class SlidingWindowAttention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q = functional.apply_rotary(q, positions, self.rotary_base)
-        k = functional.apply_rotary(k, positions, self.rotary_base)
+        rotary = dict(rotary_dim=self.rotary_dim, interleaved=self.rotary_interleaved)
+        q = functional.apply_rotary(q, positions, self.rotary_base, **rotary)
+        k = functional.apply_rotary(k, positions, self.rotary_base, **rotary)
         return q, k, v
 
     def attend(self, q, k, v) -> torch.Tensor:

@@ -107,28 +107,46 @@ def rotary_positions(start, t: int, device=None) -> torch.Tensor:
     return (int(start) + steps).reshape(1, t)
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (RoPE), non-interleaved ("rotate half"), full head dim.
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0, *,
+                 rotary_dim: int | None = None, interleaved: bool = False) -> torch.Tensor:
+    """Rotary position embedding (RoPE) on the first ``rotary_dim`` dims of each head.
 
-    Dimension pair ``(i, i + D/2)`` of the vector at position p rotates by angle
-    ``p * base^(-2i/D)``, so ``apply_rotary(q, m) . apply_rotary(k, n)`` depends on m - n only.
-    This is the layout of the paper's sliding-window layers (paper.md Sec. 1.7: full head
-    dim, base 10000, non-interleaved).
+    With ``R = rotary_dim`` (default: the full head dim D) the vector at position p has its
+    pairs rotated by angle ``p * base^(-2i/R)``, i in [0, R/2); dims R..D-1 pass through, so
+    ``apply_rotary(q, m) . apply_rotary(k, n)`` depends on m - n only. Pair i is
+    ``(i, i + R/2)`` ("rotate half", non-interleaved: the layout of the paper's
+    sliding-window layers, paper.md Sec. 1.7, full head dim, base 10000) or ``(2i, 2i + 1)``
+    when ``interleaved`` (GPT-J style). These are flash-attention's RotaryEmbedding
+    conventions (``rotary_emb_dim``, ``interleaved``), which the released checkpoints use.
 
     Args:
-        x: ``(B, T, H, D)``, D even.
+        x: ``(B, T, H, D)``.
         positions: ``(B, T)`` or ``(1, T)`` integer positions (``rotary_positions``).
         base: the frequency base.
+        rotary_dim: R, even, 0 < R <= D (None: D).
+        interleaved: pair layout, as above.
 
     Returns:
         ``(B, T, H, D)`` in x's dtype; the rotation is computed in float32 (float64 for float64).
+
+    Raises:
+        ValueError: R odd or outside (0, D].
     """
     d = x.shape[-1]
+    r = d if rotary_dim is None else int(rotary_dim)
+    if r <= 0 or r > d or r % 2:
+        raise ValueError(f"rotary_dim must be even and in (0, {d}] (the head dim), got {rotary_dim}")
     dtype = _compute_dtype(x)
-    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=dtype) / d)   # (D/2,)
-    angle = positions.to(dtype)[..., None] * inv_freq                                  # (B, T, D/2)
-    cos = angle.cos()[:, :, None, :]                                                   # (B, T, 1, D/2)
+    inv_freq = base ** (-torch.arange(0, r, 2, device=x.device, dtype=dtype) / r)     # (R/2,)
+    angle = positions.to(dtype)[..., None] * inv_freq                                  # (B, T, R/2)
+    cos = angle.cos()[:, :, None, :]                                                   # (B, T, 1, R/2)
     sin = angle.sin()[:, :, None, :]
     xf = x.to(dtype)
-    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    rot, rest = xf[..., :r], xf[..., r:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : r // 2], rot[..., r // 2:]
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rot, rest), dim=-1).to(x.dtype) if r < d else rot.to(x.dtype)

@@ -81,8 +81,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
 
     start = time.perf_counter()
     logits = logits[:, -1]
+    vocab = model.config.vocab_size              # padding rows of the LM head are never sampled
     for i in range(max_new_tokens):
-        token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+        token = sample_next(logits[:, :vocab], temperature=temperature, top_k=top_k, generator=generator)
         out[:, i] = token
         if on_token is not None:
             on_token(token)

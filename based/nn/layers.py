@@ -28,16 +28,17 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Gated MLP ``down(silu(gate(x)) * up(x))``, no biases (Shazeer 2020; the paper's MLP).
+    """Gated MLP ``down(silu(gate(x)) * up(x))`` (Shazeer 2020; the paper's MLP), no biases
+    unless ``bias`` (then all three projections have one).
 
     Shapes: ``(..., dim) -> (..., dim)`` through a hidden width ``hidden``.
     """
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -105,19 +106,21 @@ class BaseConv(nn.Module):
 
     ``u1, u2 = split(in_proj(x))`` (each of width ``inner``), ``y = silu(conv(u1)) * u2``,
     ``out = out_proj(y)``, where ``conv`` is a causal depthwise convolution with
-    ``kernel_size`` taps (3 in the paper). in_proj and out_proj have biases, as in the paper.
+    ``kernel_size`` taps (3 in the paper). in_proj and out_proj have biases, as in the paper
+    (``proj_bias``); so does the convolution (``conv_bias``; the released checkpoints have none).
 
     Shapes: ``forward``/``prefill``: ``(B, T, dim) -> (B, T, dim)``; ``step``: ``(B, dim) -> (B, dim)``.
     The decode state is a ``BaseConvState`` (``new_state``).
     """
 
-    def __init__(self, dim: int, inner: int, kernel_size: int = 3):
+    def __init__(self, dim: int, inner: int, kernel_size: int = 3, *, proj_bias: bool = True,
+                 conv_bias: bool = True):
         super().__init__()
         self.inner = inner
         self.kernel_size = kernel_size
-        self.in_proj = nn.Linear(dim, 2 * inner)
-        self.conv = nn.Conv1d(inner, inner, kernel_size, groups=inner)
-        self.out_proj = nn.Linear(inner, dim)
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=proj_bias)
+        self.conv = nn.Conv1d(inner, inner, kernel_size, groups=inner, bias=conv_bias)
+        self.out_proj = nn.Linear(inner, dim, bias=proj_bias)
 
     def _gate_out(self, conv: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
         return self.out_proj(F.silu(conv) * u2)
@@ -163,5 +166,7 @@ class BaseConv(nn.Module):
             taps = torch.cat((state.inputs.to(u1.dtype), u1[:, :, None]), dim=-1)   # (B, C, k)
             state.inputs.copy_(taps[..., 1:])
             state.tokens.add_(1)
-        conv = (taps * self.conv.weight[:, 0, :]).sum(-1) + self.conv.bias
+        conv = (taps * self.conv.weight[:, 0, :]).sum(-1)
+        if self.conv.bias is not None:
+            conv = conv + self.conv.bias
         return self._gate_out(conv, u2)

@@ -1,4 +1,4 @@
-"""BasedLM: a byte-level BASED language model, its files, and held-out loss."""
+"""BasedLM: a BASED language model, its files (ours and the released checkpoints'), and held-out loss."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ def make_mixer(kind: str, config: BasedConfig) -> nn.Module:
     """The sequence mixer of one block: ``"conv"``, ``"linear"`` or ``"window"``."""
     c = config
     if kind == "conv":
-        return BaseConv(c.d_model, c.conv_inner, c.conv_kernel)
+        return BaseConv(c.d_model, c.conv_inner, c.conv_kernel, proj_bias=c.conv_proj_bias, conv_bias=c.conv_bias)
     if kind == "linear":
-        return LinearAttention(c.d_model, c.linear_heads, c.linear_feature_dim, c.linear_head_dim, c.linear_eps)
+        return LinearAttention(c.d_model, c.linear_heads, c.linear_feature_dim, c.linear_head_dim, c.linear_eps,
+                               c.linear_scale)
     if kind == "window":
         return SlidingWindowAttention(c.d_model, c.window_heads, c.window_kv_heads, c.window_head_dim, c.window,
-                                      c.rotary_base)
+                                      c.rotary_base, rotary_dim=c.rotary_dim, rotary_interleaved=c.rotary_interleaved,
+                                      qkv_bias=c.window_qkv_bias, out_bias=c.window_out_bias)
     raise ValueError(f"unknown layer kind {kind!r}")
 
 
@@ -47,7 +49,7 @@ class BasedBlock(nn.Module):
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = make_mixer(kind, config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
+        self.mlp = SwiGLU(config.d_model, config.mlp_hidden, bias=config.mlp_bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,27 +68,34 @@ class BasedBlock(nn.Module):
 
 
 class BasedLM(nn.Module):
-    """Byte-level BASED language model (Arora et al., ICML 2024, Sec. 4 and 6).
+    """BASED language model (Arora et al., ICML 2024, Sec. 4 and 6).
 
     Token embedding -> ``BasedBlock`` per entry of ``config.layers`` -> RMSNorm -> LM head.
     No absolute positions: the window layers carry rotary embeddings, the linear-attention
-    and conv layers are position-free (paper.md Sec. 1.7). The LM head is untied from the
-    embedding (for a 256-byte vocabulary it costs ``256 * d_model`` parameters, and it keeps
-    every weight a separate tensor in the safetensors file).
+    and conv layers are position-free (paper.md Sec. 1.7). By default the LM head is untied
+    from the embedding (for the byte-level models' 256-token vocabulary it costs
+    ``256 * d_model`` parameters); ``config.tie_embeddings`` shares one matrix, as the
+    released GPT-2-vocabulary checkpoints do (``from_pretrained`` reads those too).
 
-    Shapes: ``forward``: int tokens ``(B, T)`` -> logits ``(B, T, vocab_size)`` (float32 outside
-    autocast). Weights are initialised N(0, 0.02), output projections of every branch scaled
-    by ``1 / sqrt(2 * n_layers)`` (GPT-2's residual scaling); biases zero, norms one.
+    Shapes: ``forward``: int tokens ``(B, T)`` -> logits ``(B, T, padded_vocab_size)`` (float32
+    outside autocast; ``padded_vocab_size == vocab_size`` unless the config pads the
+    vocabulary, as the released checkpoints do: the padding rows' logits are returned like
+    the original model's, and ``generate`` never samples them). Weights are initialised
+    N(0, 0.02), output projections of every branch scaled by ``1 / sqrt(2 * n_layers)``
+    (GPT-2's residual scaling); biases zero, norms one.
     """
 
     def __init__(self, config: BasedConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        rows = config.padded_vocab_size
+        self.embed = nn.Embedding(rows, config.d_model)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(BasedBlock(kind, config) for kind in config.layers)
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, rows, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -129,7 +138,8 @@ class BasedLM(nn.Module):
             raise ValueError(f"tokens must have shape {shape}{' with T >= 1' if ndim == 2 else ''}, "
                              f"got {tuple(tokens.shape)}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (bytes for this byte-level model), "
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size})"
+                             f"{' (bytes for this byte-level model)' if self.config.vocab_size == 256 else ''}, "
                              f"got values in [{int(tokens.min())}, {int(tokens.max())}]")
         if cache is not None and cache.batch != tokens.shape[0]:
             raise ValueError(f"the cache holds {cache.batch} sequences but tokens have batch {tokens.shape[0]}")
@@ -164,6 +174,14 @@ class BasedLM(nn.Module):
 
     # -- files ------------------------------------------------------------------------
 
+    def weights(self) -> dict:
+        """The state dict as written to a file: every tensor once (with tied embeddings the
+        LM head is the embedding, so ``lm_head.weight`` is left out)."""
+        state = self.state_dict()
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
+
     def save_pretrained(self, directory, *, dtype: torch.dtype = torch.float16) -> None:
         """Write ``config.json`` and ``model.safetensors`` (weights cast to ``dtype``) into
         ``directory`` (created if missing)."""
@@ -171,7 +189,7 @@ class BasedLM(nn.Module):
 
         os.makedirs(directory, exist_ok=True)
         self.config.save(os.path.join(directory, CONFIG_NAME))
-        weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.state_dict().items()}
+        weights = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.weights().items()}
         save_file(weights, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
@@ -186,7 +204,7 @@ class BasedLM(nn.Module):
         config = BasedConfig.load(os.path.join(directory, CONFIG_NAME))
         weights = load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu")
         model = cls(config)
-        expected = model.state_dict()
+        expected = model.weights()
         missing = sorted(set(expected) - set(weights))
         unexpected = sorted(set(weights) - set(expected))
         if missing or unexpected:
@@ -196,7 +214,7 @@ class BasedLM(nn.Module):
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"{directory}: {name} has shape {tuple(t.shape)}, config.json implies "
                                  f"{tuple(expected[name].shape)}")
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, strict=not config.tie_embeddings)
         return model.to(device=device, dtype=dtype).eval()
 
 
