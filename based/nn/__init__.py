@@ -6,7 +6,8 @@ Modules: ``RMSNorm``, ``SwiGLU``, ``BaseConv`` (+ ``BaseConvState``), ``LinearAt
 pure-PyTorch paths in ``based.nn.functional`` (the exact math of SPEC 1.1 and 1.2);
 inference (``BasedLM.prefill``/``step``, ``generate``) runs based's kernels with one
 fixed-size state per layer (``BasedCache``). ``load_bundled()`` loads the small Shakespeare
-model shipped with the package.
+model shipped with the package; ``BasedLM.from_pretrained`` also reads the paper's released
+checkpoints (``hazyresearch/based-*``, see based/nn/CHECKPOINTS.md).
 
 PyTorch is needed here and only here: ``import based`` works without it.
 """

@@ -194,27 +194,28 @@ class BasedLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype = torch.float32) -> "BasedLM":
-        """Load a model written by ``save_pretrained``, in eval mode, weights cast to ``dtype``.
+        """Load a model directory, in eval mode, weights cast to ``dtype``.
 
-        Raises FileNotFoundError if a file is missing, ValueError if the weights do not
-        match the config (missing, unexpected or mis-shaped tensors).
+        Two layouts are read:
+
+        * ours, written by ``save_pretrained`` (``config.json`` holding a ``BasedConfig``,
+          ``model.safetensors``);
+        * the released checkpoints of the paper (``hazyresearch/based-360m``, ``based-1b``,
+          ``based-1b-50b``, ``based-1.3b``): a GPT-2-style ``config.json`` (``n_embd``,
+          ``alt_mixer_layers``, ``mixer``...) with ``model.safetensors`` or
+          ``pytorch_model.bin`` (read with ``torch.load(weights_only=True)``). Their parameter
+          names, config fields and conventions are mapped as based/nn/CHECKPOINTS.md records
+          (``based.nn.checkpoints``).
+
+        Raises FileNotFoundError if a file is missing; ValueError if the config has a field or
+        value this model does not implement (naming it), or if the weights do not match the
+        config (naming the missing, unexpected or mis-shaped tensors).
         """
-        from safetensors.torch import load_file
+        from . import checkpoints
 
-        config = BasedConfig.load(os.path.join(directory, CONFIG_NAME))
-        weights = load_file(os.path.join(directory, WEIGHTS_NAME), device="cpu")
-        model = cls(config)
-        expected = model.weights()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{directory}: weights do not match config.json: missing {missing}, "
-                             f"unexpected {unexpected}")
-        for name, t in weights.items():
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise ValueError(f"{directory}: {name} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(expected[name].shape)}")
-        model.load_state_dict(weights, strict=not config.tie_embeddings)
+        ckpt = checkpoints.read(directory)
+        model = cls(ckpt.config)
+        checkpoints.load_weights(model, ckpt)
         return model.to(device=device, dtype=dtype).eval()
 
 
