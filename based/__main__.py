@@ -23,6 +23,12 @@ def _cmd_demo(args) -> int:
     return demo.run(args)
 
 
+def _cmd_generate(args) -> int:
+    from . import demo
+
+    return demo.run_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import demo
 
@@ -35,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(d)
     d.set_defaults(func=_cmd_demo)
+    g = sub.add_parser("generate", help="generate from a model directory (ours or a released BASED checkpoint)",
+                       description=demo.GENERATE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_generate_arguments(g)
+    g.set_defaults(func=_cmd_generate)
     info = sub.add_parser("info", help="print how this build of based was made (CUDA, OpenMP, version)")
     info.set_defaults(func=_cmd_info)
     return parser

@@ -1,6 +1,6 @@
 """BasedLM.from_pretrained on the released checkpoints' layout (synthetic checkpoints written
 by released_helpers in every flavour), against the original forward pass restated from the
-math.
+math, and ``python -m based generate`` on such a checkpoint.
 
 Tolerance (why it is what it is). Our model (float32, through based's kernels or the
 training path) and ``reference_logits`` in float32 are two float32 computations of the
@@ -16,6 +16,8 @@ online softmax), which moves each rounding but not its size. Any convention wron
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +31,7 @@ from based.nn import BasedLM  # noqa: E402
 from based.nn.checkpoints import released_config  # noqa: E402
 
 torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
@@ -212,3 +215,61 @@ def test_own_format_with_tied_and_padded_vocabulary(tmp_path):
     x = torch.randint(0, 50257, (1, 9))
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+# -- python -m based generate -------------------------------------------------------------------
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", "based", *args], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+
+
+def tiny_tokenizer(path):
+    """A byte-level BPE (GPT-2's scheme) trained on a few sentences, 300 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["hello world, the end"] * 20,
+                            trainer)
+    tok.save(str(path))
+    return tok
+
+
+def test_generate_cli_with_a_tokenizer(tmp_path):
+    """A released-layout checkpoint with a 300-token vocabulary and its tokenizer.json: the
+    greedy continuation printed equals generate() on the same model, decoded by the tokenizer."""
+    from based.nn import generate
+
+    cfg = flavour_config("based-360m")
+    cfg["vocab_size"] = 300
+    write_checkpoint(tmp_path, "based-360m", config=cfg, state=random_state_dict(Spec(cfg), 3))
+    tok = tiny_tokenizer(tmp_path / "tokenizer.json")
+    r = run_cli("generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-new-tokens", "12",
+                "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    ids = tok.encode("the quick", add_special_tokens=False).ids
+    g = generate(BasedLM.from_pretrained(tmp_path), torch.tensor([ids]), 12, temperature=0.0)
+    assert r.stdout.startswith("the quick" + tok.decode(g.tokens[0].tolist()) + "\n")
+    assert f"prompt tokens    {len(ids)} (tokens)" in r.stdout
+    for line in ("prefill ", "decode ", "recurrent state  ", "KV cache ", "tokenizer "):
+        assert line in r.stdout, line
+
+
+def test_generate_cli_bytes_and_errors(tmp_path):
+    r = run_cli("generate", "--prompt", "KING:", "--max-new-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr                 # the bundled byte-level model by default
+    assert r.stdout.startswith("KING:") and "prompt tokens    5 (bytes)" in r.stdout
+    write_checkpoint(tmp_path, "based-360m")           # vocabulary 61, no tokenizer.json
+    r = run_cli("generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert r.returncode == 2 and "holds no tokenizer.json" in r.stderr
+    r = run_cli("generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi")
+    assert r.returncode == 2 and "--model" in r.stderr and "nowhere" in r.stderr
+    tiny_tokenizer(tmp_path / "tokenizer.json")        # 300 ids for a 61-token model
+    r = run_cli("generate", "--model", str(tmp_path), "--prompt", "the quick brown fox")
+    assert r.returncode == 2 and "past the model's vocabulary of 61" in r.stderr
