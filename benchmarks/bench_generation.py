@@ -56,7 +56,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -718,7 +717,8 @@ class Run:
         """The step with only its GEMMs, only based's mixer ops, or GEMMs + mixers (no
         elementwise work), each as one graph: where the full step's time goes."""
         out = {}
-        for name, parts in (("gemm_only", ("gemm",)), ("mixer_only", ("mixer",)), ("gemm_and_mixer", ("gemm", "mixer"))):
+        variants = (("gemm_only", ("gemm",)), ("mixer_only", ("mixer",)), ("gemm_and_mixer", ("gemm", "mixer")))
+        for name, parts in variants:
             try:
                 dec = BasedDecoder(model, batch, parts=parts, max_positions=PROMPT + gen + 64)
                 dec.prefill(self.prompt(batch, model.config.vocab_size))
@@ -846,7 +846,8 @@ class Run:
             rows = out.setdefault(key, [])
             for t in lengths:
                 if limit and t > limit:
-                    rows.append({"T": t, "skipped": f"the quadratic training path is O(T^2) memory; only up to {limit}"})
+                    why = f"the quadratic training path needs O(T^2) memory; run up to {limit}"
+                    rows.append({"T": t, "skipped": why})
                     continue
                 rows.append(self._time_prefill(lambda x: fn(x), batch, t, vocab))
                 self.save()
@@ -909,7 +910,8 @@ class Run:
             lengths = [256, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
             out[size] = {"based_bytes": based_total, "based_parts": parts, "based_measured_bytes": measured,
                          "kv_bytes_per_token": per_token, "kv_bytes": {str(L): per_token * L for L in lengths},
-                         "crossover_tokens": math.ceil(based_total / per_token), "dtype": str(self.dtype).replace("torch.", ""),
+                         "crossover_tokens": math.ceil(based_total / per_token),
+                         "dtype": str(self.dtype).replace("torch.", ""),
                          "note": "KV bytes at the model's head dim; the decode benchmark's cache may be zero-padded "
                                  "(attention_head_dim.chosen), which holds pad/head_dim times more"}
         self.results["state_bytes"] = out
@@ -989,9 +991,10 @@ def markdown(results: dict) -> str:
             if "tok_per_ms" not in r:
                 continue
             step = r.get("step_ms", r.get("total_ms", 0) / max(results["meta"].get("generated", 1), 1))
+            nan = float("nan")
             lines.append(f"| {key} | {r['batch']} | {r['tok_per_ms']:.2f} | {step:.3f} | "
-                         f"{r.get('floor_fraction', float('nan')):.2f} | {r.get('vs_transformer', float('nan')):.2f}x | "
-                         f"{r.get('vs_based_torch', float('nan')):.2f}x |")
+                         f"{r.get('floor_fraction', nan):.2f} | {r.get('vs_transformer', nan):.2f}x | "
+                         f"{r.get('vs_based_torch', nan):.2f}x |")
     pre = results.get("prefill", {})
     if pre:
         lines += ["", "| model | T | tok/ms | ms | peak extra memory (GB) |", "|---|---|---|---|---|"]
@@ -1036,24 +1039,30 @@ def main(argv=None) -> int:
         parser.error(f"unknown sections {unknown}; choose from {order}")
     if "generation" in wanted and "bandwidth" not in wanted:
         wanted.insert(0, "bandwidth")
+
+    def finish():
+        table = markdown(run.results)
+        if table:
+            print(table)
+        if args.plots and not args.check:
+            try:
+                from plot_generation import plot_all
+            except ImportError:
+                sys.path.insert(0, str(HERE))
+                from plot_generation import plot_all
+            try:
+                for path in plot_all(run.results, args.plots):
+                    print(f"plot: {path}")
+            except Exception as exc:  # noqa: BLE001
+                print(f"plots failed: {type(exc).__name__}: {exc}")
+
     for name in order:
+        if name == "compiled" and "compiled" in wanted and len(wanted) > 1:
+            finish()            # tables and plots first: the compile may be slow on a fresh machine
         if name in wanted:
             run.section(name, fns[name])
     print(f"[{run.elapsed():6.1f} s] done; results in {run.out}")
-    table = markdown(run.results)
-    if table:
-        print(table)
-    if args.plots and not args.check:
-        try:
-            from plot_generation import plot_all
-        except ImportError:
-            sys.path.insert(0, str(HERE))
-            from plot_generation import plot_all
-        try:
-            for path in plot_all(run.results, args.plots):
-                print(f"plot: {path}")
-        except Exception as exc:  # noqa: BLE001
-            print(f"plots failed: {type(exc).__name__}: {exc}")
+    finish()
     if run.results["errors"]:
         print(f"sections with errors: {sorted(run.results['errors'])}")
     if args.check:

@@ -409,7 +409,8 @@ def released_config(data: dict, weight_names=(), where: str = CONFIG_NAME):
         mlp_hidden=hidden, mlp_bias=fc1_bias, norm_eps=float(eps), dropout=0.0,
         window_heads=n_head, window_kv_heads=kv_heads, window_head_dim=d // n_head,
         window_qkv_bias=qkv_bias, window_out_bias=out_bias, rotary_base=float(base),
-        rotary_dim=None if "window" not in kinds or rotary_dim == d // n_head else rotary_dim, rotary_interleaved=interleaved,
+        rotary_dim=None if "window" not in kinds or rotary_dim == d // n_head else rotary_dim,
+        rotary_interleaved=interleaved,
         **{k: v for k, v in fields.items()})
     return config, layout
 
@@ -454,7 +455,8 @@ def released_names(config: BasedConfig, layout: ReleasedLayout) -> list[tuple[st
     for i, kind in enumerate(config.layers):
         src, dst = f"transformer.layers.{i}.", f"blocks.{i}."
         m, o = src + "mixer.", dst + "mixer."
-        pairs += [(src + "norm1.weight", [dst + "mixer_norm.weight"]), (src + "norm2.weight", [dst + "mlp_norm.weight"])]
+        pairs += [(src + "norm1.weight", [dst + "mixer_norm.weight"]),
+                  (src + "norm2.weight", [dst + "mlp_norm.weight"])]
         for p in parts:
             pairs += [(src + f"mlp.fc1.{p}", [dst + f"mlp.up_proj.{p}", dst + f"mlp.gate_proj.{p}"]),
                       (src + f"mlp.fc2.{p}", [dst + f"mlp.down_proj.{p}"])]
