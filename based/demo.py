@@ -253,7 +253,12 @@ def run_generate(args) -> int:
         return 2
     load_seconds = time.perf_counter() - t0
     if tokenizer is not None:
-        text = _TokenizerText(tokenizer)
+        try:
+            text = _TokenizerText(tokenizer)
+        except ImportError:
+            print(f"{tokenizer}: reading a tokenizer.json needs the `tokenizers` package "
+                  "(pip install tokenizers, or based[generate])", file=sys.stderr)
+            return 2
     elif model.config.vocab_size == 256:
         text = _ByteText()
     else:

@@ -228,6 +228,7 @@ def run_cli(*args):
 
 def tiny_tokenizer(path):
     """A byte-level BPE (GPT-2's scheme) trained on a few sentences, 300 tokens."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
