@@ -3,7 +3,9 @@
 * ``torch`` / ``cuda`` availability flags: tests needing them skip cleanly.
 * ``RawProducer``: a DLPack producer built from raw fields with ctypes, with a counting
   deleter, to reach the edge cases real libraries never emit (NULL strides,
-  byte_offset, a newer major version, odd dtypes).
+  byte_offset, a newer major version, odd dtypes) and the fields a hostile or buggy one
+  may send (a huge or negative ndim, shape arrays that end at an unreadable guard page,
+  a device that contradicts __dlpack_device__, deleters that run Python code).
 * ``poison``: fill an output with NaN before a kernel call so an element the kernel
   forgets to write fails the comparison.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import mmap
+import sys
 
 import numpy as np
 import pytest
@@ -156,18 +160,59 @@ _PyCapsule_GetPointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _NAMES = {True: b"dltensor_versioned", False: b"dltensor"}
 
 
+# Unreadable memory right after an array: reading one element too many faults.
+PAGE = mmap.PAGESIZE
+_PROT_NONE = 0  # <sys/mman.h>; the mmap module exports PROT_READ/WRITE/EXEC only
+if sys.platform != "win32":
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mprotect.restype = ctypes.c_int
+    _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+else:  # pragma: no cover
+    _libc = None
+
+requires_guard_pages = pytest.mark.skipif(_libc is None, reason="guard pages need mmap/mprotect (POSIX)")
+
+
+def guarded_int64s(values):
+    """A ctypes int64 array holding ``values`` whose last element ends exactly at a page
+    boundary, followed by a page mapped PROT_NONE: a consumer that reads even one element
+    past the end gets SIGSEGV instead of silently reading garbage. The mapping lives as long
+    as the returned array."""
+    values = list(values)
+    assert 8 * len(values) <= PAGE
+    mm = mmap.mmap(-1, 2 * PAGE)
+    anchor = ctypes.c_char.from_buffer(mm)
+    base = ctypes.addressof(anchor)
+    del anchor                                          # release the buffer export
+    if _libc.mprotect(base + PAGE, PAGE, _PROT_NONE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "mprotect failed")
+    arr = (ctypes.c_int64 * len(values)).from_address(base + PAGE - 8 * len(values))
+    arr[:] = values
+    arr._mapping = mm                                   # keeps the pages mapped
+    return arr
+
+
 class RawProducer:
     """Exports one numpy array's memory through a hand-built capsule.
 
     Arguments let a test break one rule at a time: ``strides=None`` exports NULL
-    strides, ``byte_offset`` moves data back by that many bytes, ``major`` sets the
-    version, ``code``/``bits``/``lanes`` the dtype, ``readonly`` the flag.
-    Every capsule's deleter increments ``self.deleted``; the capsule destructor calls
-    the deleter only if no consumer took the capsule (renamed it to ``used_...``).
+    strides, ``byte_offset`` moves data back by that many bytes (modulo 2**64), ``major``
+    sets the version, ``code``/``bits``/``lanes`` the dtype, ``readonly`` the flag.
+    Hostile fields: ``ndim`` claims another number of dimensions than the shape array
+    holds, ``shape`` replaces the shape values (``"null"``: a NULL shape pointer),
+    ``guard=True`` puts the shape and strides arrays right before an unreadable page
+    (``guarded_int64s``), ``data`` replaces the data address, ``tensor_device`` writes
+    another device into the DLTensor than ``device`` (what ``__dlpack_device__`` says).
+    Every capsule's deleter increments ``self.deleted`` and then calls ``on_delete()``
+    (Python code run from inside the deleter) if given; ``c_deleter`` (an address)
+    replaces the deleter with a C function, uncounted. The capsule destructor calls the
+    deleter only if no consumer took the capsule (renamed it to ``used_...``).
     """
 
     def __init__(self, array, *, versioned=True, strides="auto", byte_offset=0, major=1, code=None, bits=None,
-                 lanes=1, readonly=False, device=(1, 0), accepts_max_version=True):
+                 lanes=1, readonly=False, device=(1, 0), accepts_max_version=True, ndim=None, shape=None,
+                 guard=False, data=None, tensor_device=None, on_delete=None, c_deleter=None):
         self.array = array
         self.versioned = versioned
         self.strides = strides
@@ -179,14 +224,22 @@ class RawProducer:
         self.readonly = readonly
         self.device = device
         self.accepts_max_version = accepts_max_version
+        self.ndim = ndim
+        self.shape = shape
+        self.guard = guard
+        self.data = data
+        self.tensor_device = tensor_device
+        self.on_delete = on_delete
         self.deleted = 0
         self.exported = 0
         self._keep = []
 
         def deleter(_ptr):
             self.deleted += 1
+            if self.on_delete is not None:
+                self.on_delete()
 
-        self._deleter = DELETER_V(deleter)
+        self._deleter = DELETER_V(deleter) if c_deleter is None else DELETER_V(c_deleter)
 
         def destructor(capsule):
             name = _NAMES[self.versioned]
@@ -198,24 +251,33 @@ class RawProducer:
     def __dlpack_device__(self):
         return self.device
 
+    def _int64s(self, values):
+        if self.guard:
+            return guarded_int64s(values)
+        return (ctypes.c_int64 * max(len(values), 1))(*values)
+
     def _capsule(self):
         a = self.array
-        shape = (ctypes.c_int64 * max(a.ndim, 1))(*a.shape)
         t = DLTensor()
-        t.data = a.ctypes.data - self.byte_offset
+        t.data = self.data if self.data is not None else (a.ctypes.data - self.byte_offset) % 2**64
         t.byte_offset = self.byte_offset
-        t.device = DLDevice(*self.device)
-        t.ndim = a.ndim
+        t.device = DLDevice(*(self.tensor_device if self.tensor_device is not None else self.device))
+        t.ndim = a.ndim if self.ndim is None else self.ndim
         kind = {"f": 2, "i": 0, "u": 1, "c": 5, "b": 6}[a.dtype.kind]
         t.dtype = DLDataType(self.code if self.code is not None else kind,
                              self.bits if self.bits is not None else a.dtype.itemsize * 8, self.lanes)
-        t.shape = shape
+        if isinstance(self.shape, str) and self.shape == "null":
+            t.shape = None
+        else:
+            shape = self._int64s(a.shape if self.shape is None else self.shape)
+            t.shape = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
+            self._keep.append(shape)
         if self.strides is None:
             t.strides = None
         else:
             st = [s // a.itemsize for s in a.strides] if self.strides == "auto" else list(self.strides)
-            strides = (ctypes.c_int64 * max(a.ndim, 1))(*st)
-            t.strides = strides
+            strides = self._int64s(st)
+            t.strides = ctypes.cast(strides, ctypes.POINTER(ctypes.c_int64))
             self._keep.append(strides)
         if self.versioned:
             m = DLManagedTensorVersioned()
@@ -227,7 +289,7 @@ class RawProducer:
             m.dl_tensor = t
         m.manager_ctx = None
         m.deleter = self._deleter
-        self._keep += [shape, m]
+        self._keep.append(m)
         self.exported += 1
         return _PyCapsule_New(ctypes.addressof(m), _NAMES[self.versioned],
                               ctypes.cast(self._destructor, ctypes.c_void_p))
