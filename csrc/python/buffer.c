@@ -147,6 +147,19 @@ const char *based_py_dtype_name(DLDataType t) {
     return NULL;
 }
 
+void based_py_describe_dtype(DLDataType t, char *buf, size_t size) {
+    const char *known = based_py_dtype_name(t);
+    static const char *codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    if (known != NULL) snprintf(buf, size, "%s", known);
+    else if (t.code == kDLBool) snprintf(buf, size, "bool");
+    else if (t.code <= kDLBool) snprintf(buf, size, "%s%d", codes[t.code], (int)t.bits);
+    else snprintf(buf, size, "float%d (DLPack code %d)", (int)t.bits, (int)t.code);
+    if (t.lanes != 1) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, size - n, " with %d lanes", (int)t.lanes);
+    }
+}
+
 PyObject *based_buffer_new(PyObject *module, const int64_t *shape, int ndim, DLDataType dtype, DLDevice device) {
     based_module_state *st = based_get_state(module);
     if (ndim < 0 || ndim > BASED_MAX_NDIM) {

@@ -91,21 +91,6 @@ static PyObject *py_zeros(PyObject *m, PyObject *const *args, Py_ssize_t nargs) 
     return based_buffer_new(m, shape, (int)ndim, dtype, dev);
 }
 
-/* A dtype's name for messages: ours ("bfloat16"), else e.g. "int32", "complex64",
- * "float8 (DLPack code 10)", "float32 with 4 lanes". */
-static void describe_dtype(DLDataType t, char *buf, size_t size) {
-    const char *known = based_py_dtype_name(t);
-    static const char *codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
-    if (known != NULL) snprintf(buf, size, "%s", known);
-    else if (t.code == kDLBool) snprintf(buf, size, "bool");
-    else if (t.code <= kDLBool) snprintf(buf, size, "%s%d", codes[t.code], (int)t.bits);
-    else snprintf(buf, size, "float%d (DLPack code %d)", (int)t.bits, (int)t.code);
-    if (t.lanes != 1) {
-        size_t n = strlen(buf);
-        snprintf(buf + n, size - n, " with %d lanes", (int)t.lanes);
-    }
-}
-
 /* dlpack_info(obj) -> (shape, dtype name, (device_type, device_id), readonly) */
 static PyObject *py_dlpack_info(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (based_py_check_nargs("dlpack_info", nargs, 1) < 0) return NULL;
@@ -120,7 +105,7 @@ static PyObject *py_dlpack_info(PyObject *m, PyObject *const *args, Py_ssize_t n
         PyTuple_SET_ITEM(shape, i, n);
     }
     char dt[64];
-    describe_dtype(d->dtype, dt, sizeof dt);
+    based_py_describe_dtype(d->dtype, dt, sizeof dt);
     res = Py_BuildValue("(Os(ii)O)", shape, dt, (int)d->device.device_type, (int)d->device.device_id,
                         t.readonly ? Py_True : Py_False);
 done:

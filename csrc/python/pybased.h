@@ -95,6 +95,10 @@ PyObject *based_py_raise(based_status st);
 int based_py_parse_dtype(PyObject *name, DLDataType *out);
 const char *based_py_dtype_name(DLDataType t);
 
+/* Any DLPack dtype's name for messages: ours ("bfloat16"), else e.g. "int32",
+ * "complex64", "float8 (DLPack code 10)", "float32 with 4 lanes". */
+void based_py_describe_dtype(DLDataType t, char *buf, size_t size);
+
 /* Fastcall helpers: exactly n positional arguments; a float argument; an int argument
  * (not a bool). Each sets a TypeError naming the argument and returns -1 on failure. */
 int based_py_check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t n);
