@@ -62,7 +62,7 @@ def info(x: Any, name: str) -> ArrayInfo:
             f"{name} must be an array implementing the DLPack protocol (__dlpack__ and "
             f"__dlpack_device__), such as a torch.Tensor or numpy.ndarray; got {type(x).__name__}"
         )
-    shape, dtype, device, _readonly = _C.dlpack_info(x)
+    shape, dtype, device, _readonly = _C.dlpack_info(x, name)
     return ArrayInfo(shape, dtype, device)
 
 
@@ -83,14 +83,15 @@ def float_input(x: Any, name: str, layout: str) -> ArrayInfo:
     return i
 
 
-def readonly(x: Any) -> bool:
+def readonly(x: Any, name: str = "array") -> bool:
     """True if x must not be written: a numpy array with ``flags.writeable`` False, or any
-    other array exported with DLPack's read-only flag. (torch tensors have no such flag.)"""
+    other array exported with DLPack's read-only flag. (torch tensors have no such flag.)
+    DLPack errors name ``name``."""
     if is_torch(x):
         return False
     if isinstance(x, np.ndarray):
         return not x.flags.writeable
-    return bool(_C.dlpack_info(x)[3])
+    return bool(_C.dlpack_info(x, name)[3])
 
 
 def require_indexable(what: str, dims: str, shape: tuple, dtype: str) -> None:

@@ -41,12 +41,13 @@ FORMAT_NAME = "based-state"
 FORMAT_VERSION = 1
 
 
-def _dtype_name(a: Any) -> str:
+def _dtype_name(a: Any, name: str = "array") -> str:
+    """a's dtype name ("float32", ...); DLPack errors name ``name``."""
     if _arrays.is_torch(a):
         return _arrays.torch_dtype_name(a.dtype)
     if isinstance(a, np.ndarray):
         return a.dtype.name
-    return _C.dlpack_info(a)[1]
+    return _C.dlpack_info(a, name)[1]
 
 
 def _nbytes(a: Any) -> int:
@@ -291,7 +292,7 @@ class RecurrentState:
         grad-requiring part before the first write, so that a refused call changes nothing."""
         self._require_writable()
         for name, t in self._t.items():
-            if _arrays.readonly(t):
+            if _arrays.readonly(t, f"{type(self).__name__}.{name}"):
                 raise ValueError(f"{op}: {type(self).__name__}.{name} is read-only (a numpy view with "
                                  f"flags.writeable False, or an array exported read-only), but {op} writes every "
                                  f"part of the state; nothing was changed")

@@ -105,7 +105,7 @@ class SlidingWindowCache(RecurrentState):
         if dtype is None:
             if like is None:
                 raise TypeError("SlidingWindowCache.zeros needs a dtype (or like=, whose dtype it then takes)")
-            dtype = _dtype_name(like)
+            dtype = _dtype_name(like, "like")
         dtype = _args.as_dtype(dtype)
         scale = _args.as_scale(scale, head_dim)
         shape = (batch, kv_heads, window, head_dim)
@@ -202,7 +202,7 @@ def _check_cache_fits(cache, qi, ki, vi) -> None:
         return
     cache._require_fits((("batch", cache.batch, ki.shape[0]), ("kv heads (Hkv)", cache.kv_heads, ki.shape[-2]),
                          ("head dim (D)", cache.head_dim, ki.shape[-1])), "k and v")
-    held = _dtype_name(cache.k)
+    held = _dtype_name(cache.k, "cache.k")
     if qi.dtype == ki.dtype == vi.dtype and ki.dtype in _arrays.FLOAT_DTYPES and ki.dtype != held:
         raise TypeError(f"the cache holds {held} keys and values, but q, k and v are {ki.dtype}; the cache takes "
                         f"their dtype (make it with dtype={ki.dtype!r}, or like=k)")

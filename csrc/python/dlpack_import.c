@@ -25,7 +25,17 @@ DLTensor *based_buffer_dltensor(PyObject *buffer, int *readonly); /* buffer.c */
 
 static int read_device(PyObject *module, PyObject *obj, const char *name, long *type, long *id) {
     based_module_state *st = based_get_state(module);
-    PyObject *dev = PyObject_CallMethodNoArgs(obj, st->str_dlpack_device);
+    PyObject *meth = PyObject_GetAttr(obj, st->str_dlpack_device);
+    if (meth == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError,
+                     "%s has __dlpack__ but no __dlpack_device__ (DLPack producers have both); got %.200s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *dev = PyObject_CallNoArgs(meth);
+    Py_DECREF(meth);
     if (dev == NULL) return -1;
     if (!PyTuple_Check(dev) || PyTuple_GET_SIZE(dev) != 2) {
         PyErr_Format(PyExc_TypeError, "%s.__dlpack_device__() must return a (device_type, device_id) tuple, got %R",

@@ -91,11 +91,23 @@ static PyObject *py_zeros(PyObject *m, PyObject *const *args, Py_ssize_t nargs) 
     return based_buffer_new(m, shape, (int)ndim, dtype, dev);
 }
 
-/* dlpack_info(obj) -> (shape, dtype name, (device_type, device_id), readonly) */
+/* dlpack_info(obj[, name]) -> (shape, dtype name, (device_type, device_id), readonly);
+ * name (default "array") is the argument's name in error messages. */
 static PyObject *py_dlpack_info(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
-    if (based_py_check_nargs("dlpack_info", nargs, 1) < 0) return NULL;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "dlpack_info() takes 1 or 2 positional arguments, got %zd", nargs);
+        return NULL;
+    }
+    const char *name = "array";
+    if (nargs == 2) {
+        if (!PyUnicode_Check(args[1])) {
+            PyErr_Format(PyExc_TypeError, "dlpack_info(): name must be a str, got %.200s", Py_TYPE(args[1])->tp_name);
+            return NULL;
+        }
+        if ((name = PyUnicode_AsUTF8(args[1])) == NULL) return NULL;
+    }
     based_py_tensor t = BASED_PY_TENSOR_INIT;
-    if (based_py_import(m, args[0], "array", 0, Py_None, &t) < 0) return NULL;
+    if (based_py_import(m, args[0], name, 0, Py_None, &t) < 0) return NULL;
     DLTensor *d = t.tensor;
     PyObject *shape = PyTuple_New(d->ndim), *res = NULL;
     if (shape == NULL) goto done;
@@ -156,7 +168,8 @@ PyMethodDef based_core_methods[] = {
     {"zeros", FASTCALL(py_zeros), METH_FASTCALL,
      "zeros(shape, dtype, device_type, device_id, /)\n--\n\nA zero-filled based.Buffer."},
     {"dlpack_info", FASTCALL(py_dlpack_info), METH_FASTCALL,
-     "dlpack_info(array, /)\n--\n\n(shape, dtype, (device_type, device_id), readonly) read through DLPack."},
+     "dlpack_info(array, name='array', /)\n--\n\n(shape, dtype, (device_type, device_id), readonly) read through DLPack;\n"
+     "errors name the argument `name`."},
     {"build_info", (PyCFunction)py_build_info, METH_NOARGS, "build_info()\n--\n\nHow this extension was built."},
     {"cuda_device_count", (PyCFunction)py_cuda_device_count, METH_NOARGS,
      "cuda_device_count()\n--\n\nUsable CUDA devices (0 without CUDA build, driver or GPU)."},
