@@ -1,17 +1,22 @@
-"""A hostile or buggy DLPack producer (issue 10, item 9).
+"""A hostile or buggy DLPack producer (issue 10, items 4 and 9).
 
+* An error raised for one argument survives the release of the arguments imported before
+  it, even when their deleters run Python code (as a ctypes deleter always does), and each
+  tensor is given back exactly once.
 * Protocol failures name the argument they concern (q, state.kv, ...), also when found
   by the Python layer's first look at an array (``_C.dlpack_info``).
 """
 
 import gc
+import sys
 
 import numpy as np
 import pytest
-from conftest import RawProducer
+from conftest import RawProducer, requires_torch, torch
 
 import based
 from based import _C
+from based import reference as ref
 
 
 def _x():
@@ -33,6 +38,113 @@ def _linear_args(q=None, k=None, kv=None):
     return [q if q is not None else _q((B, T, H, Dk)), k if k is not None else _q((B, T, H, Dk)),
             _q((B, T, H, Dv)), kv if kv is not None else np.zeros((B, H, F, Dv)), np.zeros((B, H, F)),
             np.zeros(B, np.int64), np.zeros((B, T, H, Dv)), 0.5, True, 1e-6, 0]
+
+
+def _window_args(q=None, k=None):
+    B, T, H, D, W = 1, 2, 1, 4, 3
+    return [q if q is not None else _q((B, T, H, D)), k if k is not None else _q((B, T, H, D)), _q((B, T, H, D)),
+            np.zeros((B, H, W, D)), np.zeros((B, H, W, D)), np.zeros(B, np.int64), np.zeros((B, T, H, D)), W, 0.5]
+
+
+# ---------------------------------------------------------------------------------------
+# Item 4: the pending error survives every release; each tensor is released once
+# ---------------------------------------------------------------------------------------
+
+
+def _python_work():
+    """What a deleter written in Python may do: allocate, format, call into based."""
+    _C.dlpack_info(np.zeros(3))
+    return repr({"a": [1.5, 2]})
+
+
+@pytest.mark.parametrize("on_delete", [None, _python_work], ids=["counting-deleter", "deleter-calls-based"])
+@pytest.mark.parametrize("case", ["list-as-out", "readonly-out", "list-as-k", "window-list-as-k", "gather-list"])
+def test_error_in_a_later_argument_survives_releasing_the_earlier_ones(case, on_delete):
+    """Before the fix: the earlier capsule's (Python) deleter ran with the error pending,
+    lost it, and the user got SystemError ('returned NULL without setting an exception')."""
+    first = RawProducer(np.ones((2, 3)), on_delete=on_delete)
+    others = []
+    if case == "list-as-out":
+        call, exc, msg = lambda: _C.taylor_feature_map(first, [1.0, 2.0], 1.0), TypeError, r"^out must be an array"
+    elif case == "readonly-out":
+        ro = RawProducer(np.zeros((2, 10)), readonly=True, on_delete=on_delete)
+        others.append(ro)
+        call, exc, msg = lambda: _C.taylor_feature_map(first, ro, 1.0), ValueError, r"^out is read-only"
+    elif case == "list-as-k":
+        first = RawProducer(_q((1, 2, 1, 2)), on_delete=on_delete)
+        args = _linear_args(q=first, k=[[1.0]])
+        call, exc, msg = lambda: _C.linear_attention_prefill(*args), TypeError, r"^k must be an array"
+    elif case == "window-list-as-k":
+        first = RawProducer(_q((1, 2, 1, 4)), on_delete=on_delete)
+        args = _window_args(q=first, k=[[1.0]])
+        call, exc, msg = lambda: _C.sliding_window_prefill(*args), TypeError, r"^k must be an array"
+    else:
+        first = RawProducer(np.zeros((2, 3)), on_delete=on_delete)
+        src = RawProducer(np.zeros((2, 3)), on_delete=on_delete)
+        others.append(src)
+        call, exc, msg = lambda: _C.state_gather(first, src, [0, 1]), TypeError, r"^batch_indices must be an array"
+    for _ in range(3):
+        with pytest.raises(exc, match=msg):
+            call()
+    assert first.exported == 3 and _freed(first, *others)
+
+
+def test_a_deleter_that_calls_based_does_not_replace_the_error_message():
+    """The C core's message lives in a per-thread buffer: a deleter that calls a based op
+    which fails (and catches it) overwrote it before the error was raised."""
+    def clobber():
+        try:
+            _C.taylor_feature_map(np.ones((2, 3), np.int64), np.zeros((2, 10)), 1.0)
+        except TypeError as e:
+            assert str(e).startswith("x must have dtype")
+
+    p = RawProducer(np.ones((2, 3)), on_delete=clobber)
+    with pytest.raises(ValueError, match=r"^out must have shape"):
+        _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0)
+    assert _freed(p)
+
+
+def test_a_deleter_that_leaves_an_exception_set_is_reported_as_unraisable(monkeypatch):
+    """A C deleter that sets an exception and returns (here PyErr_NoMemory, called through the
+    deleter's void(void *) pointer: the extra argument is ignored by the x86-64 and AArch64
+    calling conventions). DLPack deleters cannot fail, so it goes to sys.unraisablehook and
+    the call's own result or error stands."""
+    import ctypes
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+    nomem = ctypes.cast(ctypes.pythonapi.PyErr_NoMemory, ctypes.c_void_p).value
+    x = np.ones((2, 3))
+    out = np.zeros((2, 10))
+    assert _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), out, 1.0) is None
+    np.testing.assert_allclose(out, ref.taylor_feature_map(x, 1.0), rtol=1e-12)
+    assert seen == [MemoryError]
+    with pytest.raises(TypeError, match="^out must be an array"):
+        _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), [1.0], 1.0)
+    assert seen == [MemoryError, MemoryError]
+
+
+def test_a_capsule_destructor_running_python_keeps_the_refusal():
+    """A refused capsule goes back unrenamed: its destructor (Python code here) frees it and
+    the refusal (TypeError naming the argument) stands."""
+    p = RawProducer(np.ones((2, 3)), major=2, on_delete=_python_work)
+    with pytest.raises(TypeError, match=r"^x was exported with DLPack 2.0"):
+        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0)
+    assert _freed(p)
+
+
+@requires_torch
+def test_exchange_api_fast_path_releases_once_under_a_pending_error():
+    if not hasattr(torch.Tensor, "__dlpack_c_exchange_api__"):
+        pytest.skip("this torch has no DLPack C exchange API")
+    x = torch.ones(2, 3, dtype=torch.float64)
+    before = x._use_count() if hasattr(x, "_use_count") else None
+    for _ in range(100):
+        with pytest.raises(TypeError, match="^out must be an array"):
+            _C.taylor_feature_map(x, [1.0], 1.0)
+        with pytest.raises(ValueError, match="^out must have shape"):
+            _C.taylor_feature_map(x, torch.zeros(2, 9, dtype=torch.float64), 1.0)
+    if before is not None:
+        assert x._use_count() == before
 
 
 # ---------------------------------------------------------------------------------------

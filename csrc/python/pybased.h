@@ -41,16 +41,18 @@ typedef struct {
     DLTensor *tensor;   /* NULL when the slot holds no tensor (an omitted optional) */
     void *managed;      /* DLManagedTensor[Versioned] we own, or NULL for based.Buffer */
     PyObject *owner;    /* strong ref to a based.Buffer (fast path), else NULL */
+    const char *name;   /* the argument's name, for messages (outlives the slot) */
     int versioned;
     int readonly;
 } based_py_tensor;
 
-#define BASED_PY_TENSOR_INIT {NULL, NULL, NULL, 0, 0}
+#define BASED_PY_TENSOR_INIT {NULL, NULL, NULL, NULL, 0, 0}
 
-/* Imports obj. name is the argument's name for messages. writable: the op writes to
- * it, so a read-only export is refused (ValueError). stream: None or an int passed to
- * __dlpack__ for CUDA producers. Returns 0, or -1 with an exception set (nothing to
- * release then). The producer's memory stays alive until based_py_release(). */
+/* Imports obj. name is the argument's name for messages (it must outlive the tensor).
+ * writable: the op writes to it, so a read-only export is refused (ValueError). stream:
+ * None or an int passed to __dlpack__ for CUDA producers. Returns 0, or -1 with an
+ * exception set (nothing to release then). The producer's memory stays alive until
+ * based_py_release(). */
 int based_py_import(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
                     based_py_tensor *out);
 
@@ -58,17 +60,21 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
 int based_py_import_optional(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
                              based_py_tensor *out);
 
-/* Gives the tensor back to its producer (calls the DLPack deleter exactly once). */
+/* Gives the tensor back to its producer: calls the DLPack deleter exactly once (the slot is
+ * emptied before the deleter runs). A deleter may run Python code: an exception being
+ * raised is set aside while it runs and survives it, and one the deleter leaves set goes
+ * to sys.unraisablehook (DLPack deleters cannot fail). */
 void based_py_release(based_py_tensor *t);
 void based_py_release_all(based_py_tensor *ts, int n);
 
 /* The shape of every binding: import objs[0..n) (bit i of `written`: the op writes it;
  * bit i of `optional`: Py_None is an empty slot), all or nothing: returns 0, or -1 with an
- * exception set and nothing held. */
+ * exception set (the one about the argument refused) and nothing held. */
 int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
                          unsigned written, unsigned optional, based_py_tensor *out);
 
-/* Gives the n tensors back, then returns None for OK or raises for st. */
+/* Raises for st (from this thread's last error, read before any deleter can run based
+ * code and overwrite it), gives the n tensors back, and returns None for OK, else NULL. */
 PyObject *based_py_finish(based_status st, based_py_tensor *ts, int n);
 
 /* ---------------------------------------------------------------------------------
