@@ -1,5 +1,11 @@
-"""A hostile or buggy DLPack producer (issue 10, items 4 and 9).
+"""A hostile or buggy DLPack producer (issue 10, items 3, 4 and 9).
 
+* Every field of an imported DLTensor is checked before the bindings read through it
+  (ndim before shape, shape and strides, dtype code, bits and lanes, data + byte_offset,
+  device): a bad one is a ValueError (TypeError for the dtype) naming the argument --
+  never an over-read, a crash or a SystemError. Shape arrays that end at an unreadable
+  guard page turn any over-read into SIGSEGV; those cases run in a child process so a
+  regression fails one test instead of killing the run.
 * An error raised for one argument survives the release of the arguments imported before
   it, even when their deleters run Python code (as a ctypes deleter always does), and each
   tensor is given back exactly once.
@@ -8,15 +14,20 @@
 """
 
 import gc
+import os
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
-from conftest import RawProducer, requires_torch, torch
+from conftest import RawProducer, requires_guard_pages, requires_torch, torch
 
 import based
 from based import _C
 from based import reference as ref
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _x():
@@ -44,6 +55,182 @@ def _window_args(q=None, k=None):
     B, T, H, D, W = 1, 2, 1, 4, 3
     return [q if q is not None else _q((B, T, H, D)), k if k is not None else _q((B, T, H, D)), _q((B, T, H, D)),
             np.zeros((B, H, W, D)), np.zeros((B, H, W, D)), np.zeros(B, np.int64), np.zeros((B, T, H, D)), W, 0.5]
+
+
+# ---------------------------------------------------------------------------------------
+# Item 3: every field bounded and validated before it is used
+# ---------------------------------------------------------------------------------------
+
+
+def _outcomes_in_child(cases: str) -> dict:
+    """Runs ``cases`` (source defining a list ``cases`` of (label, call)) in a child Python
+    with numpy, based, _C and RawProducer imported, and returns {label: outcome}, where the
+    outcome is the call's repr or "ExceptionType: message". For calls that crashed the
+    interpreter before the checks existed: a regression fails the test, not the run."""
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, {tests!r})
+        import numpy as np
+        import based
+        from based import _C
+        from conftest import RawProducer
+    """).format(tests=TESTS) + textwrap.dedent(cases) + textwrap.dedent("""
+        for label, call in cases:
+            try:
+                r = call()
+                print(label, "->", repr(r), flush=True)
+            except Exception as e:
+                print(label, "->", type(e).__name__ + ":", e, flush=True)
+    """)
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, f"the child died (rc {r.returncode}):\n{r.stdout}\n{r.stderr[-3000:]}"
+    return dict(line.split(" -> ", 1) for line in r.stdout.splitlines())
+
+
+@requires_guard_pages
+def test_huge_ndim_or_null_shape_at_a_guard_page_is_refused_before_any_read():
+    """The shape (and strides) arrays hold 2 entries and end at a PROT_NONE page; the
+    tensor claims more dimensions, or has no shape array at all. Before the fix the
+    bindings read shape[0..ndim) first: SIGSEGV (a heap over-read under ASan)."""
+    got = _outcomes_in_child("""
+        x = np.ones((2, 3))
+        cases = [
+            ("control", lambda: _C.dlpack_info(RawProducer(x, guard=True))),
+            ("info-1000", lambda: _C.dlpack_info(RawProducer(x, guard=True, ndim=1000), "q")),
+            ("info-max", lambda: _C.dlpack_info(RawProducer(x, guard=True, ndim=2**31 - 1), "q")),
+            ("info-17", lambda: _C.dlpack_info(RawProducer(x, guard=True, ndim=17), "q")),
+            ("info-null", lambda: _C.dlpack_info(RawProducer(x, shape="null"), "q")),
+            ("api-1000", lambda: based.taylor_feature_map(RawProducer(x, guard=True, ndim=1000))),
+            ("op-1000", lambda: _C.taylor_feature_map(RawProducer(x, guard=True, ndim=1000),
+                                                      np.zeros((2, 10)), 1.0)),
+            ("op-null", lambda: _C.taylor_feature_map(np.ones((2, 3)), RawProducer(np.zeros((2, 10)),
+                                                      shape="null"), 1.0)),
+        ]
+    """)
+    assert got["control"] == "((2, 3), 'float64', (1, 0), False)"   # the guard itself is not in the way
+    for label, n in [("info-1000", 1000), ("info-max", 2**31 - 1), ("info-17", 17)]:
+        assert got[label] == f"ValueError: q: DLTensor.ndim is {n}; based takes 0 to 16 dimensions", got
+    assert got["info-null"] == "ValueError: q: DLTensor.shape is NULL for ndim 2", got
+    assert got["api-1000"] == "ValueError: x: DLTensor.ndim is 1000; based takes 0 to 16 dimensions", got
+    assert got["op-1000"] == "ValueError: x: DLTensor.ndim is 1000; based takes 0 to 16 dimensions", got
+    assert got["op-null"] == "ValueError: out: DLTensor.shape is NULL for ndim 2", got
+
+
+def test_negative_ndim_is_a_value_error_naming_the_argument():
+    p = RawProducer(_x(), ndim=-1)
+    with pytest.raises(ValueError, match=r"^x: DLTensor.ndim is -1; based takes 0 to 16 dimensions$"):
+        based.taylor_feature_map(p)                     # was SystemError (PyTuple_New(-1))
+    with pytest.raises(ValueError, match=r"^array: DLTensor.ndim is -1"):
+        _C.dlpack_info(p)
+    assert _freed(p)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, -3), r"^x: dimension 1 has negative size -3$"),
+    ((2**40, 2**40), r"^x: element count overflows 64-bit indexing \(dimension 1 of size 1099511627776\)$"),
+])
+def test_bad_sizes_are_refused_by_the_import(shape, message):
+    p = RawProducer(_x(), shape=shape)
+    with pytest.raises(ValueError, match=message):
+        _C.dlpack_info(p, "x")
+    with pytest.raises(ValueError, match=message):
+        based.taylor_feature_map(p)
+    assert _freed(p)
+
+
+@pytest.mark.parametrize("strides,message", [
+    ((1, 2**62), r"^x: strides address memory beyond 64-bit indexing \(axis 1, stride 4611686018427387904\)$"),
+    ((2**61, 1), r"^x: byte extent overflows 64-bit indexing$"),
+])
+def test_strides_beyond_64_bit_indexing_are_refused(strides, message):
+    p = RawProducer(_x(), strides=strides)
+    with pytest.raises(ValueError, match=message):
+        _C.dlpack_info(p, "x")
+    assert _freed(p)
+
+
+def test_data_plus_byte_offset_must_not_wrap_around_the_address_space():
+    """data = address - 2**63 (mod 2**64), byte_offset = 2**63: the sum wraps around."""
+    x = _x()
+    p = RawProducer(x, byte_offset=2**63)
+    with pytest.raises(ValueError, match=r"^x: data \+ byte_offset .* wraps around the address space$"):
+        based.taylor_feature_map(p)
+    with pytest.raises(ValueError, match=r"^x: data \+ byte_offset"):
+        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0)
+    assert _freed(p)
+
+
+def test_extent_must_not_wrap_around_the_address_space():
+    """A start address near the top of the address space whose last elements lie past it:
+    before the fix the op read (and wrote) there (SIGSEGV)."""
+    got = _outcomes_in_child("""
+        cases = [
+            ("info", lambda: _C.dlpack_info(RawProducer(np.ones((2, 3)), data=2**64 - 16), "x")),
+            ("read", lambda: _C.taylor_feature_map(RawProducer(np.ones((2, 3)), data=2**64 - 16),
+                                                   np.zeros((2, 10)), 1.0)),
+            ("write", lambda: _C.taylor_feature_map(np.ones((2, 3)), RawProducer(np.zeros((2, 10)),
+                                                    data=2**64 - 64), 1.0)),
+        ]
+    """)
+    want = "ValueError: {}: its elements span {} bytes from data + byte_offset = 0x{:x}, which wraps around " \
+           "the address space"
+    assert got["info"] == want.format("x", 48, 2**64 - 16), got
+    assert got["read"] == want.format("x", 48, 2**64 - 16), got
+    assert got["write"] == want.format("out", 160, 2**64 - 64), got
+
+
+def test_null_data_for_a_non_empty_tensor_is_refused():
+    p = RawProducer(_x(), data=0)
+    with pytest.raises(ValueError, match=r"^x: data pointer is NULL for a non-empty tensor$"):
+        _C.dlpack_info(p, "x")
+    assert _freed(p)
+    # NULL data is fine when there are no elements
+    e = RawProducer(np.zeros((0, 3)), data=0)
+    assert _C.dlpack_info(e, "x")[0] == (0, 3)
+
+
+@pytest.mark.parametrize("declared,actual,message", [
+    ((1, 0), (2, 0), r"^x: __dlpack__\(\) exported a tensor on DLPack device \(2, 0\), but "
+                     r"__dlpack_device__\(\) said \(1, 0\)$"),
+    ((1, 0), (1, 3), r"^x: __dlpack__\(\) exported a tensor on DLPack device \(1, 3\)"),
+    ((1, -1), (1, -1), r"^x.__dlpack_device__\(\) returned device id -1; DLPack device ids are 0 to 2147483647$"),
+    ((1, 2**31), (1, 0), r"^x.__dlpack_device__\(\) returned device id 2147483648;"),
+])
+def test_the_tensor_device_is_checked(declared, actual, message):
+    p = RawProducer(_x(), device=declared, tensor_device=actual)
+    with pytest.raises(ValueError, match=message):
+        _C.dlpack_info(p, "x")
+    with pytest.raises(ValueError, match=message):
+        based.taylor_feature_map(p)
+    assert _freed(p)
+
+
+@pytest.mark.parametrize("code,bits,lanes,message", [
+    (99, 32, 1, r"^x has DLPack dtype code 99, which DLPack 1.3 does not define \(codes 0 to 17\)$"),
+    (2, 32, 4, r"^x has DLPack dtype float32 with 4 lanes; based takes one element per lane \(lanes = 1\)$"),
+    (2, 32, 0, r"^x has DLPack dtype float32 with 0 lanes;"),
+    (2, 0, 1, r"^x has a DLPack dtype of 0 bits \(code 2\)$"),
+])
+def test_malformed_or_vector_dtypes_are_type_errors_naming_the_argument(code, bits, lanes, message):
+    p = RawProducer(np.ones((2, 3), np.float32), code=code, bits=bits, lanes=lanes)
+    with pytest.raises(TypeError, match=message):
+        _C.dlpack_info(p, "x")
+    with pytest.raises(TypeError, match=message):
+        based.taylor_feature_map(p)
+    with pytest.raises(TypeError, match=message):
+        _C.taylor_feature_map(p, np.zeros((2, 10), np.float32), 1.0)
+    assert _freed(p)
+
+
+def test_valid_but_unsupported_dtypes_still_reach_the_ops_check():
+    """int32, float8 and complex are well-formed DLPack: the import describes them and the
+    op refuses them with its list of dtypes (as before)."""
+    p = RawProducer(np.ones((2, 3), np.int32))
+    assert _C.dlpack_info(p, "x")[1] == "int32"
+    with pytest.raises(TypeError, match=r"x must have dtype one of .*, got int32"):
+        based.taylor_feature_map(p)
+    assert _freed(p)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,18 +7,25 @@
  *   2. __dlpack__(max_version=(1, 0)[, stream=s]) asks for a versioned capsule; a
  *      producer that predates max_version raises TypeError and is asked again
  *      without it (JAX answers only that way);
- *   3. the capsule is renamed "used_..." (we own the managed tensor from then on)
+ *   3. every field of the tensor is checked (check_tensor) before anything reads
+ *      through it;
+ *   4. the capsule is renamed "used_..." (we own the managed tensor from then on)
  *      and its deleter is called exactly once, in based_py_release();
- *   4. a capsule we refuse is dropped unrenamed, so its producer frees it.
- * based.Buffer skips the capsule dance: we hold a reference to the Buffer instead. Types
- * that publish the DLPack 1.3 C exchange table (torch) hand over an owning versioned
- * tensor through it directly, for host memory, which saves ~4 us per tensor per call.
+ *   5. a capsule we refuse is dropped unrenamed, so its producer frees it.
+ * based.Buffer skips the capsule dance: we hold a reference to the Buffer instead (its
+ * tensor is ours, built by based_buffer_new). Types that publish the DLPack 1.3 C
+ * exchange table (torch) hand over an owning versioned tensor through it directly, for
+ * host memory, which saves ~4 us per tensor per call; it is checked the same way.
  *
  * A producer's deleter or capsule destructor may run Python code, and may run while an
  * error of ours is being raised: run_foreign_* set that error aside around the call and
  * put it back, so the caller sees it and not a SystemError.
  */
-#include "pybased.h"
+#include "pybased.h" /* Python.h first: it sets feature-test macros */
+
+#include <stdint.h>
+
+#include "../internal.h" /* BASED_MAX_NDIM: the most dimensions a based_view holds */
 
 static const char CAPSULE_VERSIONED[] = "dltensor_versioned";
 static const char CAPSULE_LEGACY[] = "dltensor";
@@ -68,6 +75,131 @@ static void drop_capsule(PyObject *cap, const char *name) {
 }
 
 /* ---------------------------------------------------------------------------------
+ * Checks
+ * --------------------------------------------------------------------------------- */
+
+static int supported_device(long type) {
+    return type == kDLCPU || type == kDLCUDA || type == kDLCUDAHost || type == kDLCUDAManaged;
+}
+
+/* Every field of a producer's DLTensor, checked before anything reads through it: ndim
+ * before shape; shape values and element count; the dtype; the device (and that it is the
+ * one __dlpack_device__ declared, when declared_type >= 0); then, for a non-empty tensor,
+ * strides, data and byte_offset: the bytes the elements span must lie inside the address
+ * space and within 64-bit indexing. Returns 0, or -1 with ValueError (TypeError for the
+ * dtype) naming the argument. The C core checks shapes, dtypes and strides again against
+ * each op's rules; this makes the tensor safe to read at all. */
+static int check_tensor(const DLTensor *t, const char *name, long declared_type, long declared_id) {
+    if (t->ndim < 0 || t->ndim > BASED_MAX_NDIM) {
+        PyErr_Format(PyExc_ValueError, "%s: DLTensor.ndim is %d; based takes 0 to %d dimensions", name, (int)t->ndim,
+                     BASED_MAX_NDIM);
+        return -1;
+    }
+    if (t->ndim > 0 && t->shape == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: DLTensor.shape is NULL for ndim %d", name, (int)t->ndim);
+        return -1;
+    }
+    const DLDataType dt = t->dtype;
+    if (dt.code > kDLFloat4_e2m1fn) {
+        PyErr_Format(PyExc_TypeError, "%s has DLPack dtype code %d, which DLPack %d.%d does not define (codes 0 to %d)",
+                     name, (int)dt.code, DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION, (int)kDLFloat4_e2m1fn);
+        return -1;
+    }
+    if (dt.bits == 0) {
+        PyErr_Format(PyExc_TypeError, "%s has a DLPack dtype of 0 bits (code %d)", name, (int)dt.code);
+        return -1;
+    }
+    if (dt.lanes != 1) {
+        char desc[64];
+        based_py_describe_dtype(dt, desc, sizeof desc);
+        PyErr_Format(PyExc_TypeError, "%s has DLPack dtype %s; based takes one element per lane (lanes = 1)", name,
+                     desc);
+        return -1;
+    }
+    const long type = (long)t->device.device_type, id = (long)t->device.device_id;
+    if (!supported_device(type)) {
+        PyErr_Format(PyExc_ValueError, "%s is on DLPack device type %ld (id %ld); based takes CPU and CUDA arrays",
+                     name, type, id);
+        return -1;
+    }
+    if (id < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: DLTensor.device has id %ld; DLPack device ids are 0 to %ld", name, id,
+                     (long)INT32_MAX);
+        return -1;
+    }
+    if (declared_type >= 0 && (type != declared_type || id != declared_id)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: __dlpack__() exported a tensor on DLPack device (%ld, %ld), but __dlpack_device__() said "
+                     "(%ld, %ld)",
+                     name, type, id, declared_type, declared_id);
+        return -1;
+    }
+    int64_t numel = 1;
+    for (int32_t i = 0; i < t->ndim; i++) {
+        const int64_t n = t->shape[i];
+        if (n < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d has negative size %lld", name, (int)i, (long long)n);
+            return -1;
+        }
+        if (__builtin_mul_overflow(numel, n, &numel)) {
+            PyErr_Format(PyExc_ValueError, "%s: element count overflows 64-bit indexing (dimension %d of size %lld)",
+                         name, (int)i, (long long)n);
+            return -1;
+        }
+    }
+    /* data + byte_offset: nothing is read at an empty tensor, but the pointer is still formed */
+    const uintptr_t data = (uintptr_t)t->data;
+    uintptr_t start;
+#if UINTPTR_MAX < UINT64_MAX
+    const int offset_too_big = t->byte_offset > UINTPTR_MAX;
+#else
+    const int offset_too_big = 0;
+#endif
+    if (offset_too_big || __builtin_add_overflow(data, (uintptr_t)t->byte_offset, &start)) {
+        PyErr_Format(PyExc_ValueError, "%s: data + byte_offset (%p + %llu) wraps around the address space", name,
+                     t->data, (unsigned long long)t->byte_offset);
+        return -1;
+    }
+    if (numel == 0) return 0;
+    if (t->data == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: data pointer is NULL for a non-empty tensor", name);
+        return -1;
+    }
+    /* element offsets reached, [lo, hi]; NULL strides: row-major (within numel, so no overflow) */
+    int64_t lo = 0, hi = 0, row_major = 1;
+    for (int32_t i = t->ndim - 1; i >= 0; i--) {
+        const int64_t n = t->shape[i];
+        const int64_t stride = t->strides ? t->strides[i] : row_major;
+        if (t->strides == NULL) row_major *= n;
+        int64_t span;
+        if (__builtin_mul_overflow(stride, n - 1, &span) ||
+            __builtin_add_overflow(span < 0 ? lo : hi, span, span < 0 ? &lo : &hi)) {
+            PyErr_Format(PyExc_ValueError, "%s: strides address memory beyond 64-bit indexing (axis %d, stride %lld)",
+                         name, (int)i, (long long)stride);
+            return -1;
+        }
+    }
+    const int64_t itemsize = (dt.bits + 7) / 8;
+    int64_t lo_bytes, end_bytes, extent;
+    if (__builtin_mul_overflow(lo, itemsize, &lo_bytes) || __builtin_add_overflow(hi, 1, &end_bytes) ||
+        __builtin_mul_overflow(end_bytes, itemsize, &end_bytes) ||
+        __builtin_sub_overflow(end_bytes, lo_bytes, &extent)) {
+        PyErr_Format(PyExc_ValueError, "%s: byte extent overflows 64-bit indexing", name);
+        return -1;
+    }
+    /* the bytes [start + lo_bytes, start + end_bytes) must not wrap around */
+    uintptr_t last;
+    if ((uintptr_t)0 - (uintptr_t)lo_bytes > start || __builtin_add_overflow(start, (uintptr_t)end_bytes, &last)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: its elements span %lld bytes from data + byte_offset = %p, which wraps around the "
+                     "address space",
+                     name, (long long)extent, (void *)start);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------
  * Import
  * --------------------------------------------------------------------------------- */
 
@@ -97,6 +229,11 @@ static int read_device(PyObject *module, PyObject *obj, const char *name, long *
     if ((*type == -1 || *id == -1) && PyErr_Occurred()) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "%s.__dlpack_device__() must return two integers", name);
+        return -1;
+    }
+    if (*id < 0 || *id > (long)INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s.__dlpack_device__() returned device id %ld; DLPack device ids are 0 to %ld",
+                     name, *id, (long)INT32_MAX);
         return -1;
     }
     return 0;
@@ -209,13 +346,15 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
         DLManagedTensorVersioned *m = NULL;
         if (api->managed_tensor_from_py_object_no_sync(obj, &m) == 0 && m != NULL) {
             DLDeviceType dt = m->dl_tensor.device.device_type;
-            if (m->version.major == 1 && (dt == kDLCPU || dt == kDLCUDAHost)) {
+            if (m->version.major == 1 && (dt == kDLCPU || dt == kDLCUDAHost) &&
+                check_tensor(&m->dl_tensor, name, -1, -1) == 0) {
                 out->managed = m;
                 out->versioned = 1;
                 out->tensor = &m->dl_tensor;
                 out->readonly = (m->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
                 goto check_writable;
             }
+            PyErr_Clear(); /* a refused tensor: the protocol below says why */
             run_foreign_deleter(m, 1, name);
         } else {
             PyErr_Clear();
@@ -236,8 +375,7 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
 
     long device_type, device_id;
     if (read_device(module, obj, name, &device_type, &device_id) < 0) return -1;
-    if (device_type != kDLCPU && device_type != kDLCUDA && device_type != kDLCUDAHost &&
-        device_type != kDLCUDAManaged) {
+    if (!supported_device(device_type)) {
         PyErr_Format(PyExc_ValueError, "%s is on DLPack device type %ld (id %ld); based takes CPU and CUDA arrays",
                      name, device_type, device_id);
         return -1;
@@ -246,15 +384,18 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
     PyObject *cap = request_capsule(module, obj, name, device_type, stream);
     if (cap == NULL) return -1;
 
+    /* Checked while the capsule is still unrenamed: a refused one goes back to its
+     * producer, whose destructor frees it. */
     if (PyCapsule_IsValid(cap, CAPSULE_VERSIONED)) {
         DLManagedTensorVersioned *m = PyCapsule_GetPointer(cap, CAPSULE_VERSIONED);
         if (m == NULL) goto fail;
         if (m->version.major != 1) {
-            /* read nothing else; the unrenamed capsule goes back to its producer */
+            /* read nothing else */
             PyErr_Format(PyExc_TypeError, "%s was exported with DLPack %u.%u; based reads major version 1", name,
                          (unsigned)m->version.major, (unsigned)m->version.minor);
             goto fail;
         }
+        if (check_tensor(&m->dl_tensor, name, device_type, device_id) < 0) goto fail;
         if (PyCapsule_SetName(cap, CAPSULE_USED_VERSIONED) < 0) goto fail;
         out->managed = m;
         out->versioned = 1;
@@ -263,6 +404,7 @@ int based_py_import(PyObject *module, PyObject *obj, const char *name, int writa
     } else if (PyCapsule_IsValid(cap, CAPSULE_LEGACY)) {
         DLManagedTensor *m = PyCapsule_GetPointer(cap, CAPSULE_LEGACY);
         if (m == NULL) goto fail;
+        if (check_tensor(&m->dl_tensor, name, device_type, device_id) < 0) goto fail;
         if (PyCapsule_SetName(cap, CAPSULE_USED_LEGACY) < 0) goto fail;
         out->managed = m;
         out->versioned = 0;

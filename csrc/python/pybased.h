@@ -50,9 +50,11 @@ typedef struct {
 
 /* Imports obj. name is the argument's name for messages (it must outlive the tensor).
  * writable: the op writes to it, so a read-only export is refused (ValueError). stream:
- * None or an int passed to __dlpack__ for CUDA producers. Returns 0, or -1 with an
- * exception set (nothing to release then). The producer's memory stays alive until
- * based_py_release(). */
+ * None or an int passed to __dlpack__ for CUDA producers. Every field of a producer's
+ * DLTensor is checked before anything reads through it (ndim before shape; shape,
+ * strides, dtype, data + byte_offset, device): a bad one is a ValueError (TypeError for
+ * the dtype) naming the argument. Returns 0, or -1 with an exception set (nothing to
+ * release then). The producer's memory stays alive until based_py_release(). */
 int based_py_import(PyObject *module, PyObject *obj, const char *name, int writable, PyObject *stream,
                     based_py_tensor *out);
 
