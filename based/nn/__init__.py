@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "it). Install a build for your machine, e.g. `pip install torch`.") from exc
 
 from .attention import LinearAttention, SlidingWindowAttention
-from .cache import BasedCache
+from .cache import BasedCache, DecodeBuffer
 from .config import LAYER_KINDS, BasedConfig
 from .generation import Generation, generate, sample_next
 from .layers import BaseConv, BaseConvState, RMSNorm, SwiGLU
@@ -34,6 +34,7 @@ __all__ = [
     "BasedCache",
     "BasedConfig",
     "BasedLM",
+    "DecodeBuffer",
     "Generation",
     "LinearAttention",
     "RMSNorm",

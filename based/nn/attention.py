@@ -76,10 +76,15 @@ class LinearAttention(nn.Module):
         return self.output(o)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, state: "based.LinearAttentionState") -> torch.Tensor:
-        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.linear_attention_decode``)."""
+    def step(self, x: torch.Tensor, state: "based.LinearAttentionState", buffer=None) -> torch.Tensor:
+        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.linear_attention_decode``).
+
+        ``buffer``: a ``based.nn.DecodeBuffer`` (``BasedCache.buffers``) whose ``(B, H, Dv)``
+        tensor the kernel writes as ``out=``, the same memory every step; None allocates it."""
         q, k, v = (t[:, 0] for t in self.project(x[:, None]))
-        return self.out_proj(based.linear_attention_decode(q, k, v, state, eps=self.eps).flatten(-2))
+        out = None if buffer is None else buffer.get(v.shape, v.dtype, v.device)
+        o = based.linear_attention_decode(q, k, v, state, eps=self.eps, out=out)
+        return self.out_proj(o.flatten(-2))        # a new tensor: nothing keeps o past this step
 
 
 class SlidingWindowAttention(nn.Module):
@@ -154,7 +159,12 @@ class SlidingWindowAttention(nn.Module):
         return self.output(o)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, cache: "based.SlidingWindowCache") -> torch.Tensor:
-        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.sliding_window_decode``)."""
+    def step(self, x: torch.Tensor, cache: "based.SlidingWindowCache", buffer=None) -> torch.Tensor:
+        """One token per sequence, ``(B, dim) -> (B, dim)`` (``based.sliding_window_decode``).
+
+        ``buffer``: a ``based.nn.DecodeBuffer`` (``BasedCache.buffers``) whose ``(B, H, D)``
+        tensor the kernel writes as ``out=``, the same memory every step; None allocates it."""
         q, k, v = (t[:, 0] for t in self.project(x[:, None], start=cache.tokens))
-        return self.out_proj(based.sliding_window_decode(q, k, v, cache).flatten(-2))
+        out = None if buffer is None else buffer.get(q.shape, v.dtype, v.device)
+        o = based.sliding_window_decode(q, k, v, cache, out=out)
+        return self.out_proj(o.flatten(-2))        # a new tensor: nothing keeps o past this step

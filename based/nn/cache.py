@@ -1,8 +1,42 @@
-"""BasedCache: the recurrent state of a whole BasedLM, one state object per layer."""
+"""BasedCache: the recurrent state of a whole BasedLM, one state object per layer, and the
+per-layer output buffers its decode steps write into (DecodeBuffer)."""
 
 from __future__ import annotations
 
+import torch
+
 from .._state import as_indices
+
+
+class DecodeBuffer:
+    """One layer's decode-step output tensor, kept between steps.
+
+    ``get(shape, dtype, device)`` returns the same tensor on every call while the request is
+    unchanged, and allocates a new one (``torch.empty``) when shape, dtype or device change
+    (a new batch size, a model cast to another dtype). An attention layer's ``step`` passes
+    it as ``out=`` to ``based.linear_attention_decode`` / ``based.sliding_window_decode``, so
+    a token costs no output allocation. Its contents are overwritten by the next step: the
+    layer reads it (output projection) before returning, and nothing else keeps it.
+    ``allocations`` counts the tensors made so far.
+    """
+
+    __slots__ = ("tensor", "allocations")
+
+    def __init__(self):
+        self.tensor: torch.Tensor | None = None
+        self.allocations = 0
+
+    def get(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        t = self.tensor
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != torch.device(device):
+            t = self.tensor = torch.empty(shape, dtype=dtype, device=device)
+            self.allocations += 1
+        return t
+
+    def __repr__(self) -> str:
+        t = self.tensor
+        held = "empty" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}"
+        return f"DecodeBuffer({held}, allocations={self.allocations})"
 
 
 class BasedCache:
@@ -13,10 +47,16 @@ class BasedCache:
     ``based.nn.BaseConvState`` (BaseConv). All have the same batch; none grows with the
     sequence. ``reset`` and ``index_select`` act on every layer, so batched sampling (restart
     some sequences) and beam search (reorder sequences) work.
+
+    ``buffers`` holds one ``DecodeBuffer`` per layer: the output tensors that
+    ``BasedLM.step`` lets the decode kernels write into, allocated at the first step and
+    reused by every later one (scratch, not state: ``nbytes``, ``clone`` and
+    ``index_select`` leave them out, and a new cache starts with empty ones).
     """
 
     def __init__(self, states):
         self.states = list(states)
+        self.buffers = [DecodeBuffer() for _ in self.states]
 
     @property
     def batch(self) -> int:

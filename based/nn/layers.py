@@ -158,9 +158,10 @@ class BaseConv(nn.Module):
         return self._gate_out(conv, u2)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, state: BaseConvState) -> torch.Tensor:
+    def step(self, x: torch.Tensor, state: BaseConvState, buffer=None) -> torch.Tensor:
         """One decode token per sequence, ``(B, dim) -> (B, dim)``; update the state in place.
-        Inference only (no autograd)."""
+        Inference only (no autograd). ``buffer`` is accepted so every mixer's ``step`` takes
+        the same arguments, and unused: this step calls no based kernel."""
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)                       # (B, C) each
         with state._in_use:
             taps = torch.cat((state.inputs.to(u1.dtype), u1[:, :, None]), dim=-1)   # (B, C, k)

@@ -61,9 +61,10 @@ class BasedBlock(nn.Module):
         x = x + self.mixer.prefill(self.mixer_norm(x), state)
         return x + self.mlp(self.mlp_norm(x))
 
-    def step(self, x: torch.Tensor, state) -> torch.Tensor:
-        """Inference: one token per sequence, ``(B, d_model) -> (B, d_model)``."""
-        x = x + self.mixer.step(self.mixer_norm(x), state)
+    def step(self, x: torch.Tensor, state, buffer=None) -> torch.Tensor:
+        """Inference: one token per sequence, ``(B, d_model) -> (B, d_model)``; ``buffer`` (a
+        ``DecodeBuffer``) is handed to the mixer's ``step`` for its kernel's output."""
+        x = x + self.mixer.step(self.mixer_norm(x), state, buffer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -162,11 +163,13 @@ class BasedLM(nn.Module):
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: "BasedCache") -> torch.Tensor:
         """Decode one token per sequence: int tokens ``(B,)`` -> logits ``(B, vocab_size)``;
-        the cache is updated in place (based's decode kernels: one pass over each state)."""
+        the cache is updated in place (based's decode kernels: one pass over each state).
+        The kernels write their outputs into ``cache.buffers`` (allocated at the first step,
+        reused after), so a step allocates no attention output."""
         self.check_tokens(tokens, 1, cache)
         x = self.embed(tokens)
-        for block, state in zip(self.blocks, cache.states):
-            x = block.step(x, state)
+        for block, state, buffer in zip(self.blocks, cache.states, cache.buffers):
+            x = block.step(x, state, buffer)
         return self.lm_head(self.norm(x))
 
     def num_parameters(self) -> int:
