@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "ops.h"
 
 int64_t based_taylor_feature_dim(int64_t head_dim) {
     if (head_dim < 1 || head_dim > 3037000498LL) return -1; /* Dk(Dk+1)/2 must fit int64 */
@@ -41,7 +42,9 @@ int64_t based_taylor_feature_dim(int64_t head_dim) {
 BASED_FEATURE_MAP_ROW(float, sqrtf, based_gather_f32, based_store_f32)
 BASED_FEATURE_MAP_ROW(double, sqrt, based_gather_f64, based_store_f64)
 
-based_status based_taylor_feature_map(const DLTensor *x_, DLTensor *out_, double scale) {
+based_status based_taylor_feature_map_check(based_feature_map_args *args, const DLTensor *x_, const DLTensor *out_,
+                                            double scale) {
+    memset(args, 0, sizeof *args);
     based_view x, out;
     BASED_TRY(based_view_init(&x, x_, "x"));
     BASED_TRY(based_view_init(&out, out_, "out"));
@@ -68,13 +71,32 @@ based_status based_taylor_feature_map(const DLTensor *x_, DLTensor *out_, double
     BASED_TRY(based_check_scalar(scale, "scale", 1));
     const based_view *written[] = {&out}, *read[] = {&x};
     BASED_TRY(based_check_writes(written, 1, read, 1));
-    if (out.numel == 0) return BASED_STATUS_OK;
 
-    int64_t rows = x.numel / dk;
-    int lead = x.ndim - 1;
-    int nthreads = based_threads_for(rows / 64);
-    size_t elem = x.dtype == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
-    size_t row_bytes = ((size_t)dk * elem + 63u) & ~(size_t)63u;
+    args->device.kind = BASED_DEVICE_CPU;
+    args->x = x.data;
+    args->out = out.data;
+    args->dtype = x.dtype;
+    args->ndim = x.ndim;
+    for (int32_t i = 0; i < x.ndim; i++) {
+        args->shape[i] = x.shape[i];
+        args->x_strides[i] = x.strides[i];
+        args->out_strides[i] = out.strides[i];
+    }
+    args->rows = x.numel / dk;
+    args->feature_dim = dk;
+    args->feature_count = f;
+    args->scale = scale;
+    return BASED_STATUS_OK;
+}
+
+based_status based_cpu_taylor_feature_map(const based_feature_map_args *a) {
+    const int64_t rows = a->rows, dk = a->feature_dim;
+    if (rows == 0) return BASED_STATUS_OK;
+    const int lead = a->ndim - 1;
+    const int nthreads = based_threads_for(rows / 64);
+    const size_t elem = a->dtype == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
+    const size_t itemsize = (size_t)based_dtype_size(a->dtype);
+    const size_t row_bytes = ((size_t)dk * elem + 63u) & ~(size_t)63u;
     char *scratch = based_scratch_alloc(row_bytes * (size_t)nthreads);
     if (scratch == NULL) return based_fail(BASED_STATUS_OUT_OF_MEMORY, "taylor_feature_map: out of memory for scratch");
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -82,19 +104,19 @@ based_status based_taylor_feature_map(const DLTensor *x_, DLTensor *out_, double
         void *xbuf = scratch + row_bytes * (size_t)based_thread_num();
         int64_t rem = r, xo = 0, oo = 0;
         for (int d = lead - 1; d >= 0; d--) {
-            int64_t idx = rem % x.shape[d];
-            rem /= x.shape[d];
-            xo += idx * x.strides[d];
-            oo += idx * out.strides[d];
+            int64_t idx = rem % a->shape[d];
+            rem /= a->shape[d];
+            xo += idx * a->x_strides[d];
+            oo += idx * a->out_strides[d];
         }
-        const char *xp = x.data + xo * x.itemsize;
-        char *op = out.data + oo * out.itemsize;
-        if (x.dtype == BASED_DTYPE_FLOAT64)
-            feature_map_row_double(xp, x.strides[lead], op, out.strides[lead], x.dtype, out.dtype, dk, scale,
+        const char *xp = a->x + xo * (int64_t)itemsize;
+        char *op = a->out + oo * (int64_t)itemsize;
+        if (a->dtype == BASED_DTYPE_FLOAT64)
+            feature_map_row_double(xp, a->x_strides[lead], op, a->out_strides[lead], a->dtype, a->dtype, dk, a->scale,
                                    (double *)xbuf);
         else
-            feature_map_row_float(xp, x.strides[lead], op, out.strides[lead], x.dtype, out.dtype, dk, (float)scale,
-                                  (float *)xbuf);
+            feature_map_row_float(xp, a->x_strides[lead], op, a->out_strides[lead], a->dtype, a->dtype, dk,
+                                  (float)a->scale, (float *)xbuf);
     }
     based_scratch_free(scratch);
     return BASED_STATUS_OK;

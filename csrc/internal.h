@@ -185,13 +185,38 @@ based_isa_cap based_cpu_isa_cap(void);
 /* Number of OpenMP threads a parallel region over `work` independent items should use. */
 int based_threads_for(int64_t work);
 
-/* Token counters: a checked (B,) int64 view, tokens[b] and tokens[b] += n for every b. */
-static inline int64_t based_tokens_at(const based_view *tokens, int64_t b) {
+/* ---------------------------------------------------------------------------------
+ * From checked views to the kernels' arguments (args.h)
+ * --------------------------------------------------------------------------------- */
+
+/* v (at most 4 dimensions) as an args tensor: strides copied, axes past v's ndim get stride 0. */
+static inline based_tensor based_tensor_of(const based_view *v) {
+    based_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = v->data;
+    for (int32_t i = 0; i < v->ndim && i < 4; i++) t.strides[i] = v->strides[i];
+    t.dtype = v->dtype;
+    t.itemsize = v->itemsize;
+    return t;
+}
+
+/* A decode tensor (B, H, d) seen as (B, 1, H, d): strides {s0, 0, s1, s2}. */
+static inline based_tensor based_tensor_of_decode(const based_view *v) {
+    based_tensor t = based_tensor_of(v);
+    t.strides[3] = t.strides[2];
+    t.strides[2] = t.strides[1];
+    t.strides[1] = 0;
+    return t;
+}
+
+/* Token counters, a checked (B,) int64 tensor on the host: tokens[b], and tokens[b] += n
+ * for every b < batch. */
+static inline int64_t based_tokens_at(const based_tensor *tokens, int64_t b) {
     return ((const int64_t *)tokens->data)[b * tokens->strides[0]];
 }
 
-static inline void based_tokens_add(const based_view *tokens, int64_t n) {
-    for (int64_t b = 0; b < tokens->shape[0]; b++) ((int64_t *)tokens->data)[b * tokens->strides[0]] += n;
+static inline void based_tokens_add(const based_tensor *tokens, int64_t batch, int64_t n) {
+    for (int64_t b = 0; b < batch; b++) ((int64_t *)tokens->data)[b * tokens->strides[0]] += n;
 }
 
 /* The calling thread's index inside a parallel region (0 without OpenMP). */

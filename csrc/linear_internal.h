@@ -4,7 +4,7 @@
  * prefill, and the table of CPU kernels chosen at run time (portable C, or the same
  * C compiled for AVX2+FMA; see linear_kernels.h).
  *
- *   linear_attention.c      checks, prefill/decode drivers (dtype/stride handling), dispatch
+ *   linear_attention.c      the check, the prefill/decode drivers (dtype/stride handling), kernel choice
  *   linear_kernels.h        the hot loops, written once, included per (type, ISA)
  *   linear_kernels.c        portable instantiation (what any x86-64/ARM compiler emits by default)
  *   linear_kernels_avx2.c   AVX2+FMA instantiation (GCC on x86), picked when the CPU has both
@@ -15,34 +15,12 @@
 #define BASED_LINEAR_INTERNAL_H
 
 #include "internal.h"
+#include "ops.h"
 
 #define BASED_LIN_MAX_DK 32          /* F = 561 at Dk = 32 */
 #define BASED_LIN_DEFAULT_CHUNK 64
 #define BASED_LIN_MAX_CHUNK 1024     /* the chunk's C x C attention block is scratch */
 #define BASED_LIN_ROW_ALIGN 8        /* workspace rows padded to a multiple of 8 elements */
-
-/* A prefill (has_time) or decode call after every check of SPEC 4 has passed. */
-typedef struct {
-    based_view q, k, v, kv, ksum, tokens, out;
-    int has_time;            /* prefill: tensors are (B, T, H, d); decode: (B, H, d), T = 1 */
-    int64_t B, T, H, Dk, Dv, F;
-    based_dtype compute;     /* FLOAT64 for float64 inputs or a float64 state, else FLOAT32 */
-    double scale, eps;
-    int normalize;
-    int64_t chunk;           /* prefill chunk length C (resolved default) */
-} based_linear_args;
-
-/* Builds every view and runs every check (dtypes, shapes, devices, overlaps, settings,
- * token counters) of a prefill (has_time = 1) or decode call. Writes nothing. */
-based_status based_linear_check_args(based_linear_args *a, const DLTensor *q, const DLTensor *k, const DLTensor *v,
-                                     DLTensor *kv, DLTensor *ksum, DLTensor *tokens, DLTensor *out,
-                                     const based_linear_attention_params *params, int has_time, const char *op);
-
-/* Element offset of row (b, t, h) of a (B, T, H, d) view, or (b, h) of a (B, H, d) view. */
-static inline int64_t based_lin_row(const based_view *x, int has_time, int64_t b, int64_t t, int64_t h) {
-    return has_time ? b * x->strides[0] + t * x->strides[1] + h * x->strides[2]
-                    : b * x->strides[0] + h * x->strides[1];
-}
 
 /* Threads in the team of the innermost parallel region (1 outside one, or without
  * OpenMP). Work split by hand inside `omp parallel num_threads(n)` must use this, not n:
@@ -54,8 +32,6 @@ static inline int based_lin_team_size(void) {
     return 1;
 #endif
 }
-
-/* tokens[b] += n for every sequence (the counters were range-checked by the checks). */
 
 /* Workspace of one thread for the chunked prefill of one (b, h), in the compute type.
  * Token-indexed arrays have ldc = C rounded up to BASED_LIN_ROW_ALIGN columns, value

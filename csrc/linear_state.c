@@ -27,18 +27,17 @@ static int64_t compact_row(int64_t dk, int64_t i, int64_t j) { /* i <= j */
 
 static int64_t expanded_row(int64_t dk, int64_t i, int64_t j) { return 1 + dk + i * dk + j; }
 
-typedef struct {
-    based_view kv, ksum, kv_exp, ksum_exp;
-    int64_t B, H, Dk, Dv, F, F273;
-} state_pair;
-
-/* Checks both layouts; `from` names the side whose row count fixes Dk. */
-static based_status check_pair(state_pair *s, const DLTensor *kv, const DLTensor *ksum, const DLTensor *kv_exp,
-                               const DLTensor *ksum_exp, int from_expanded, const char *op) {
-    BASED_TRY(based_view_init(&s->kv, kv, "kv"));
-    BASED_TRY(based_view_init(&s->ksum, ksum, "ksum"));
-    BASED_TRY(based_view_init(&s->kv_exp, kv_exp, "kv_expanded"));
-    BASED_TRY(based_view_init(&s->ksum_exp, ksum_exp, "ksum_expanded"));
+based_status based_linear_state_check(based_linear_state_args *args, const DLTensor *kv_, const DLTensor *ksum_,
+                                      const DLTensor *kv_exp_, const DLTensor *ksum_exp_, int from_expanded,
+                                      const char *op) {
+    memset(args, 0, sizeof *args);
+    struct { /* the arguments as checked views, named as in the messages */
+        based_view kv, ksum, kv_exp, ksum_exp;
+    } views, *s = &views;
+    BASED_TRY(based_view_init(&s->kv, kv_, "kv"));
+    BASED_TRY(based_view_init(&s->ksum, ksum_, "ksum"));
+    BASED_TRY(based_view_init(&s->kv_exp, kv_exp_, "kv_expanded"));
+    BASED_TRY(based_view_init(&s->ksum_exp, ksum_exp_, "ksum_expanded"));
     BASED_TRY(based_check_dtype(&s->kv, BASED_DTYPES_FLOAT));
     BASED_TRY(based_check_same_dtype(&s->ksum, &s->kv));
     BASED_TRY(based_check_dtype(&s->kv_exp, BASED_DTYPES_FLOAT));
@@ -47,18 +46,15 @@ static based_status check_pair(state_pair *s, const DLTensor *kv, const DLTensor
     const int64_t any[4] = {-1, -1, -1, -1};
     const based_view *src = from_expanded ? &s->kv_exp : &s->kv;
     BASED_TRY(based_check_shape(src, 4, any, from_expanded ? "B,H,F273,Dv" : "B,H,F,Dv"));
-    s->B = src->shape[0];
-    s->H = src->shape[1];
-    s->Dv = src->shape[3];
-    s->Dk = dk_from_rows(src->shape[2], from_expanded);
-    if (s->Dk < 0)
+    const int64_t B = src->shape[0], H = src->shape[1], Dv = src->shape[3];
+    const int64_t Dk = dk_from_rows(src->shape[2], from_expanded);
+    if (Dk < 0)
         return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s has %lld feature rows, which is not %s for any Dk >= 1", op,
                           src->name, (long long)src->shape[2],
                           from_expanded ? "1 + Dk + Dk^2" : "1 + Dk + Dk(Dk+1)/2");
-    s->F = based_taylor_feature_dim(s->Dk);
-    s->F273 = 1 + s->Dk + s->Dk * s->Dk;
-    const int64_t kvs[4] = {s->B, s->H, s->F, s->Dv}, kss[3] = {s->B, s->H, s->F};
-    const int64_t kes[4] = {s->B, s->H, s->F273, s->Dv}, kses[3] = {s->B, s->H, s->F273};
+    const int64_t F = based_taylor_feature_dim(Dk), F273 = 1 + Dk + Dk * Dk;
+    const int64_t kvs[4] = {B, H, F, Dv}, kss[3] = {B, H, F};
+    const int64_t kes[4] = {B, H, F273, Dv}, kses[3] = {B, H, F273};
     BASED_TRY(based_check_shape(&s->kv, 4, kvs, "B,H,F,Dv"));
     BASED_TRY(based_check_shape(&s->ksum, 3, kss, "B,H,F"));
     BASED_TRY(based_check_shape(&s->kv_exp, 4, kes, "B,H,F273,Dv"));
@@ -71,19 +67,33 @@ static based_status check_pair(state_pair *s, const DLTensor *kv, const DLTensor
     const based_view *o0 = from_expanded ? &s->kv : &s->kv_exp, *o1 = from_expanded ? &s->ksum : &s->ksum_exp;
     const based_view *written[] = {o0, o1}, *read[] = {in0, in1};
     BASED_TRY(based_check_writes(written, 2, read, 2));
+
+    args->device.kind = BASED_DEVICE_CPU;
+    args->kv = based_tensor_of(&s->kv);
+    args->ksum = based_tensor_of(&s->ksum);
+    args->kv_exp = based_tensor_of(&s->kv_exp);
+    args->ksum_exp = based_tensor_of(&s->ksum_exp);
+    args->batch = B;
+    args->heads = H;
+    args->feature_dim = Dk;
+    args->value_dim = Dv;
+    args->feature_count = F;
+    args->expanded_count = F273;
+    args->from_expanded = from_expanded != 0;
     return BASED_STATUS_OK;
 }
 
-/* Element offset of (b, h, row, j) in a (B, H, rows, Dv) view, or (b, h, row) when ndim is 3. */
-static int64_t at(const based_view *v, int64_t b, int64_t h, int64_t row, int64_t j) {
-    int64_t off = b * v->strides[0] + h * v->strides[1] + row * v->strides[2];
-    return v->ndim == 4 ? off + j * v->strides[3] : off;
+/* Element offset of (b, h, row, j) in a (B, H, rows, Dv) tensor, or (b, h, row) of a
+ * (B, H, rows) one (its strides[3] is 0). */
+static int64_t at(const based_tensor *v, int64_t b, int64_t h, int64_t row, int64_t j) {
+    return b * v->strides[0] + h * v->strides[1] + row * v->strides[2] + j * v->strides[3];
 }
 
 /* One column j (j == -1: the ksum vector) of (b, h) in either direction. */
-static void convert_column(const state_pair *s, int64_t b, int64_t h, int64_t j, int from_expanded) {
-    const based_view *c = j < 0 ? &s->ksum : &s->kv, *e = j < 0 ? &s->ksum_exp : &s->kv_exp;
-    const int64_t dk = s->Dk;
+static void convert_column(const based_linear_state_args *s, int64_t b, int64_t h, int64_t j) {
+    const int from_expanded = s->from_expanded;
+    const based_tensor *c = j < 0 ? &s->ksum : &s->kv, *e = j < 0 ? &s->ksum_exp : &s->kv_exp;
+    const int64_t dk = s->feature_dim;
     const double r2 = sqrt(0.5);
     for (int64_t f = 0; f <= dk; f++) { /* the constant and linear rows */
         if (from_expanded)
@@ -107,25 +117,12 @@ static void convert_column(const state_pair *s, int64_t b, int64_t h, int64_t j,
     }
 }
 
-static based_status convert(const DLTensor *kv, const DLTensor *ksum, const DLTensor *kv_exp,
-                            const DLTensor *ksum_exp, int from_expanded, const char *op) {
-    state_pair s;
-    BASED_TRY(check_pair(&s, kv, ksum, kv_exp, ksum_exp, from_expanded, op));
-    const int64_t work = s.B * s.H;
+based_status based_cpu_linear_state_convert(const based_linear_state_args *s) {
+    const int64_t work = s->batch * s->heads;
 #pragma omp parallel for num_threads(based_threads_for(work / 8)) schedule(static)
     for (int64_t bh = 0; bh < work; bh++) {
-        const int64_t b = bh / s.H, h = bh % s.H;
-        for (int64_t j = -1; j < s.Dv; j++) convert_column(&s, b, h, j, from_expanded);
+        const int64_t b = bh / s->heads, h = bh % s->heads;
+        for (int64_t j = -1; j < s->value_dim; j++) convert_column(s, b, h, j);
     }
     return BASED_STATUS_OK;
-}
-
-based_status based_linear_state_to_expanded(const DLTensor *kv, const DLTensor *ksum, DLTensor *kv_exp,
-                                            DLTensor *ksum_exp) {
-    return convert(kv, ksum, kv_exp, ksum_exp, 0, "linear_state_to_expanded");
-}
-
-based_status based_linear_state_from_expanded(const DLTensor *kv_exp, const DLTensor *ksum_exp, DLTensor *kv,
-                                              DLTensor *ksum) {
-    return convert(kv, ksum, kv_exp, ksum_exp, 1, "linear_state_from_expanded");
 }

@@ -1,7 +1,7 @@
 /*
  * sliding_window.c -- sliding-window softmax attention on the CPU (SPEC 1.2; paper Sec. 4):
- * the checks shared with the reference twins, the fast prefill and decode kernels, and
- * the ring-cache update.
+ * the check shared by both backends and the reference twins, the fast prefill and decode
+ * kernels, and the ring-cache update.
  *
  *   o_p = softmax_u(scale * q_p . k_u) @ v_u   over key positions u in (p - W, p]
  *
@@ -38,25 +38,19 @@
 #include "sliding_window.h"
 
 /* ---------------------------------------------------------------------------------
- * Checks (shared with sliding_window_ref.c)
+ * The check (shared by both backends and by the reference twins in sliding_window_ref.c)
  * --------------------------------------------------------------------------------- */
 
-/* A decode tensor (B, H, D) seen as (B, 1, H, D). */
-static void insert_time_axis(based_view *x) {
-    x->shape[3] = x->shape[2];
-    x->strides[3] = x->strides[2];
-    x->shape[2] = x->shape[1];
-    x->strides[2] = x->strides[1];
-    x->shape[1] = 1;
-    x->strides[1] = 0;
-    x->ndim = 4;
-}
-
-based_status based_window_check(based_window_call *c, const DLTensor *q_, const DLTensor *k_, const DLTensor *v_,
-                                const DLTensor *k_cache_, const DLTensor *v_cache_, const DLTensor *tokens_,
-                                const DLTensor *out_, const based_sliding_window_params *params, int decode,
-                                const char *op) {
-    memset(c, 0, sizeof *c);
+based_status based_sliding_window_check(based_sliding_window_args *args, const DLTensor *q_, const DLTensor *k_,
+                                        const DLTensor *v_, const DLTensor *k_cache_, const DLTensor *v_cache_,
+                                        const DLTensor *tokens_, const DLTensor *out_,
+                                        const based_sliding_window_params *params, based_phase phase,
+                                        const char *op) {
+    memset(args, 0, sizeof *args);
+    const int decode = phase == BASED_PHASE_DECODE;
+    struct { /* the arguments as checked views, named as in the messages */
+        based_view q, k, v, k_cache, v_cache, tokens, out;
+    } views, *c = &views;
     BASED_TRY(based_view_init(&c->q, q_, "q"));
     BASED_TRY(based_view_init(&c->k, k_, "k"));
     BASED_TRY(based_view_init(&c->v, v_, "v"));
@@ -125,8 +119,25 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
     const based_view *written[] = {&c->out, &c->k_cache, &c->v_cache, &c->tokens}, *read[] = {&c->q, &c->k, &c->v};
     BASED_TRY(based_check_writes(written, 4, read, 3));
 
+    args->phase = phase;
+    args->device.kind = BASED_DEVICE_CPU;
+    args->q = decode ? based_tensor_of_decode(&c->q) : based_tensor_of(&c->q);
+    args->k = decode ? based_tensor_of_decode(&c->k) : based_tensor_of(&c->k);
+    args->v = decode ? based_tensor_of_decode(&c->v) : based_tensor_of(&c->v);
+    args->out = decode ? based_tensor_of_decode(&c->out) : based_tensor_of(&c->out);
+    args->k_cache = based_tensor_of(&c->k_cache);
+    args->v_cache = based_tensor_of(&c->v_cache);
+    args->tokens = based_tensor_of(&c->tokens);
+    args->batch = B;
+    args->seqlen = T;
+    args->heads = H;
+    args->kv_heads = Hkv;
+    args->head_dim = D;
+    args->window = W;
+    args->scale = params->scale;
+
     for (int64_t b = 0; b < B; b++) {
-        const int64_t n = based_tokens_at(&c->tokens, b);
+        const int64_t n = based_tokens_at(&args->tokens, b);
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: tokens[%lld] must be >= 0, got %lld", op, (long long)b,
                               (long long)n);
@@ -136,20 +147,6 @@ based_status based_window_check(based_window_call *c, const DLTensor *q_, const 
                               "would pass that",
                               op, (long long)b, (long long)n, (long long)T);
     }
-
-    if (decode) {
-        insert_time_axis(&c->q);
-        insert_time_axis(&c->k);
-        insert_time_axis(&c->v);
-        insert_time_axis(&c->out);
-    }
-    c->batch = B;
-    c->seqlen = T;
-    c->heads = H;
-    c->kv_heads = Hkv;
-    c->head_dim = D;
-    c->window = W;
-    c->scale = params->scale;
     return BASED_STATUS_OK;
 }
 
@@ -366,9 +363,9 @@ typedef struct {
 #undef LOAD
 #undef SCATTER
 
-typedef void (*window_prefill_fn)(const based_window_call *, const window_scratch *, int64_t, int64_t, int64_t,
+typedef void (*window_prefill_fn)(const based_sliding_window_args *, const window_scratch *, int64_t, int64_t, int64_t,
                                   int64_t);
-typedef void (*window_decode_fn)(const based_window_call *, int64_t, int64_t);
+typedef void (*window_decode_fn)(const based_sliding_window_args *, int64_t, int64_t);
 
 typedef struct {
     const char *name;
@@ -411,7 +408,7 @@ static const window_kernels *window_kernels_pick(void) {
 const char *based_window_kernel_isa(void) { return window_kernels_pick()->name; }
 
 /* All outputs of a checked prefill call (the cache is read, not written). */
-static based_status window_forward(const based_window_call *c) {
+static based_status window_forward(const based_sliding_window_args *c) {
     const window_kernels *kern = window_kernels_pick();
     const int f64 = c->q.dtype == BASED_DTYPE_FLOAT64;
     const size_t elem = f64 ? sizeof(double) : sizeof(float);
@@ -470,14 +467,14 @@ static based_status window_forward(const based_window_call *c) {
 /* A decode step reads the ring in place when its key cache is slot-contiguous (the
  * layout SlidingWindowCache allocates) and its value rows unit-stride; other layouts go
  * through the prefill kernel (T = 1), which converts the window into scratch. */
-static int window_decode_in_place(const based_window_call *c) {
+static int window_decode_in_place(const based_sliding_window_args *c) {
     return c->k_cache.strides[2] == 1 && (c->v_cache.strides[3] == 1 || c->head_dim == 1);
 }
 
 /* A decode step read in place: each (b, kv head) stores its new key and value and
  * attends; tokens grow by one. Static schedule: each thread streams a contiguous run of
  * the cache. */
-static void window_decode(const based_window_call *c) {
+static void window_decode(const based_sliding_window_args *c) {
     const window_kernels *kern = window_kernels_pick();
     const window_decode_fn item_fn = c->q.dtype == BASED_DTYPE_FLOAT64 ? kern->decode_f64 : kern->decode_f32;
     const int64_t pairs = c->batch * c->kv_heads;
@@ -489,7 +486,7 @@ static void window_decode(const based_window_call *c) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
     }
-    based_tokens_add(&c->tokens, 1);
+    based_tokens_add(&c->tokens, c->batch, 1);
 }
 
 /* n elements of one dtype from src to dst (element strides), bit for bit. */
@@ -504,7 +501,7 @@ static void copy_row(char *dst, int64_t dst_stride, const char *src, int64_t src
 
 /* Stores the keys and values of the last min(T, W) positions of the call in their
  * ring slots (position p -> slot p % W), then advances tokens by T. */
-static void window_update_cache(const based_window_call *c) {
+static void window_update_cache(const based_sliding_window_args *c) {
     const int64_t T = c->seqlen, W = c->window, D = c->head_dim;
     const int64_t first = T > W ? T - W : 0, pairs = c->batch * c->kv_heads;
     const int nthreads = based_threads_for(pairs * (T - first) * D / 4096);
@@ -520,12 +517,12 @@ static void window_update_cache(const based_window_call *c) {
                      based_window_row(&c->v, b, t, kh), c->v.strides[3], D, c->v.itemsize);
         }
     }
-    based_tokens_add(&c->tokens, T);
+    based_tokens_add(&c->tokens, c->batch, T);
 }
 
-static based_status window_run(const based_window_call *c, int decode) {
+static based_status window_run(const based_sliding_window_args *c) {
     if (c->batch == 0 || c->seqlen == 0) return BASED_STATUS_OK;
-    if (decode && window_decode_in_place(c)) {
+    if (c->phase == BASED_PHASE_DECODE && window_decode_in_place(c)) {
         window_decode(c);
         return BASED_STATUS_OK;
     }
@@ -534,18 +531,6 @@ static based_status window_run(const based_window_call *c, int decode) {
     return BASED_STATUS_OK;
 }
 
-based_status based_sliding_window_prefill(const DLTensor *q, const DLTensor *k, const DLTensor *v,
-                                          DLTensor *k_cache, DLTensor *v_cache, DLTensor *tokens, DLTensor *out,
-                                          const based_sliding_window_params *params) {
-    based_window_call c;
-    BASED_TRY(based_window_check(&c, q, k, v, k_cache, v_cache, tokens, out, params, 0, "sliding_window_prefill"));
-    return window_run(&c, 0);
-}
+based_status based_cpu_sliding_window_prefill(const based_sliding_window_args *args) { return window_run(args); }
 
-based_status based_sliding_window_decode(const DLTensor *q, const DLTensor *k, const DLTensor *v,
-                                         DLTensor *k_cache, DLTensor *v_cache, DLTensor *tokens, DLTensor *out,
-                                         const based_sliding_window_params *params) {
-    based_window_call c;
-    BASED_TRY(based_window_check(&c, q, k, v, k_cache, v_cache, tokens, out, params, 1, "sliding_window_decode"));
-    return window_run(&c, 1);
-}
+based_status based_cpu_sliding_window_decode(const based_sliding_window_args *args) { return window_run(args); }

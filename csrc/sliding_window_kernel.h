@@ -451,7 +451,8 @@ BASED_WINDOW_INLINE void FN(load_row)(REAL *dst, int64_t dst_stride, const char 
 }
 
 /* q[b, t, h] times scale into dst (d REALs). */
-BASED_WINDOW_INLINE void FN(load_query)(const based_window_call *c, REAL *dst, int64_t b, int64_t t, int64_t h) {
+BASED_WINDOW_INLINE void FN(load_query)(const based_sliding_window_args *c, REAL *dst, int64_t b, int64_t t,
+                                        int64_t h) {
     const int64_t d = c->head_dim;
     const REAL scale = (REAL)c->scale;
     FN(load_row)(dst, 1, based_window_row(&c->q, b, t, h), c->q.dtype, d, c->q.strides[3]);
@@ -459,7 +460,8 @@ BASED_WINDOW_INLINE void FN(load_query)(const based_window_call *c, REAL *dst, i
 }
 
 /* Output row: acc / l into out[b, t, h] in out's dtype. */
-BASED_WINDOW_INLINE void FN(store_row)(const based_window_call *c, REAL *acc, REAL l, int64_t b, int64_t t, int64_t h) {
+BASED_WINDOW_INLINE void FN(store_row)(const based_sliding_window_args *c, REAL *acc, REAL l, int64_t b, int64_t t,
+                                       int64_t h) {
     char *o = based_window_row(&c->out, b, t, h);
     if (c->out.dtype == NATIVE && c->out.strides[3] == 1) {
         REAL *restrict y = (REAL *)o;
@@ -513,7 +515,7 @@ static void FN(decode_values)(int R, REAL *acc, const REAL *e, const void *v, in
  * which stores to a slab not yet in cache would fetch one line after another. So its
  * scores are taken from the input row (the same sum, so the same bits), over the stale
  * slot's, and the column is stored once the score pass has brought the slab in. */
-static void FN(window_decode_item)(const based_window_call *c, int64_t b, int64_t kh) {
+static void FN(window_decode_item)(const based_sliding_window_args *c, int64_t b, int64_t kh) {
     const int kind = c->k.dtype == BASED_DTYPE_BFLOAT16 ? KIND_BF16 : c->k.dtype == BASED_DTYPE_FLOAT16 ? KIND_F16
                                                                                                     : KIND_NATIVE;
     const int64_t d = c->head_dim, w = c->window, g_count = c->heads / c->kv_heads, h0 = kh * g_count;
@@ -644,8 +646,8 @@ BASED_WINDOW_INLINE void FN(transpose_block)(REAL *restrict dst, int64_t ld, con
  * positions before the call (pos < t0), else from the call's inputs. Keys are transposed VL
  * rows at a time, straight from the input rows when they are REAL with unit stride, else
  * through `tile`; each VL x VL block lands in one panel, VL * LANES contiguous elements. */
-static void FN(load_rows)(const based_window_call *c, const window_scratch *sc, int64_t b, int64_t kh, int64_t t0,
-                          int64_t from, int64_t to, int64_t cbase) {
+static void FN(load_rows)(const based_sliding_window_args *c, const window_scratch *sc, int64_t b, int64_t kh,
+                          int64_t t0, int64_t from, int64_t to, int64_t cbase) {
     const int64_t d = c->head_dim, dp = sc->dp;
     REAL *tile = (REAL *)sc->tile, *kt = (REAL *)sc->kt, *vv = (REAL *)sc->vv;
     const int direct = c->k.dtype == NATIVE && c->k.strides[3] == 1;
@@ -691,7 +693,7 @@ static void FN(load_rows)(const based_window_call *c, const window_scratch *sc, 
 
 /* The same for positions from .. to-1, all before the call (in the ring cache), when the
  * key cache is slot-contiguous: key rows are copied as they lie, no transpose. */
-static void FN(load_cached)(const based_window_call *c, const window_scratch *sc, int64_t b, int64_t kh,
+static void FN(load_cached)(const based_sliding_window_args *c, const window_scratch *sc, int64_t b, int64_t kh,
                             int64_t from, int64_t to, int64_t cbase) {
     const int64_t d = c->head_dim, dp = sc->dp, w = c->window;
     REAL *kt = (REAL *)sc->kt, *vv = (REAL *)sc->vv;
@@ -713,7 +715,7 @@ static void FN(load_cached)(const based_window_call *c, const window_scratch *sc
 
 /* One tile of R rows r0 .. r0+R-1 (R = 4 or 1) against the keys ja .. jb-1 of the block in
  * scratch (kt column / vv row u - cbase): scores, softmax step, outputs. */
-BASED_WINDOW_INLINE void FN(prefill_tile)(const based_window_call *c, const window_scratch *sc, const int R,
+BASED_WINDOW_INLINE void FN(prefill_tile)(const based_sliding_window_args *c, const window_scratch *sc, const int R,
                                           int64_t r0, int64_t p_first, int64_t ja, int64_t jb, int64_t cbase) {
     const int64_t d = c->head_dim, dp = sc->dp, w = c->window, g_count = c->heads / c->kv_heads;
     REAL *qs = (REAL *)sc->qs + r0 * d, *acc = (REAL *)sc->acc + r0 * dp;
@@ -766,8 +768,8 @@ BASED_WINDOW_INLINE void FN(prefill_tile)(const based_window_call *c, const wind
 
 /* Work item: outputs of query positions t_a .. t_b-1 (relative to the call) of sequence b
  * for the G query heads of kv head kh. Reads the cache, writes only out. */
-static void FN(window_prefill_item)(const based_window_call *c, const window_scratch *sc, int64_t b, int64_t kh,
-                                    int64_t t_a, int64_t t_b) {
+static void FN(window_prefill_item)(const based_sliding_window_args *c, const window_scratch *sc, int64_t b,
+                                    int64_t kh, int64_t t_a, int64_t t_b) {
     const int64_t d = c->head_dim, dp = sc->dp, w = c->window;
     const int64_t g_count = c->heads / c->kv_heads, h0 = kh * g_count, rows = (t_b - t_a) * g_count;
     const int64_t t0 = based_tokens_at(&c->tokens, b);

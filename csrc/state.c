@@ -7,10 +7,11 @@
 #include <stdlib.h>
 
 #include "internal.h"
+#include "ops.h"
 
 /* Row b of dst = row sb of src (zeros when src == NULL), walking axes 1..ndim-1: raw
  * bytes for one dtype, converted through float64 (round to nearest even) between two. */
-static void for_each_in_row(const based_view *dst, int64_t b, const based_view *src, int64_t sb) {
+static void for_each_in_row(const based_state_tensor *dst, int64_t b, const based_state_tensor *src, int64_t sb) {
     int32_t nd = dst->ndim;
     int64_t idx[BASED_MAX_NDIM] = {0};
     int64_t inner = nd > 1 ? dst->shape[nd - 1] : 1;
@@ -43,6 +44,23 @@ static void for_each_in_row(const based_view *dst, int64_t b, const based_view *
             idx[d] = 0;
         }
     }
+}
+
+/* A checked view as an args state tensor. */
+static based_state_tensor state_tensor_of(const based_view *v) {
+    based_state_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = v->data;
+    t.dtype = v->dtype;
+    t.itemsize = v->itemsize;
+    t.device.kind = BASED_DEVICE_CPU;
+    t.ndim = v->ndim;
+    for (int32_t i = 0; i < v->ndim; i++) {
+        t.shape[i] = v->shape[i];
+        t.strides[i] = v->strides[i];
+    }
+    t.numel = v->numel;
+    return t;
 }
 
 static based_status check_state_tensor(based_view *v, const DLTensor *t, const char *name, const char *op) {
@@ -81,21 +99,34 @@ static based_status read_indices(const DLTensor *t, int64_t n_rows, const char *
     return BASED_STATUS_OK;
 }
 
-based_status based_state_zero(DLTensor *t_, const DLTensor *indices) {
+void based_state_args_free(based_state_args *args) {
+    free((void *)args->indices);
+    args->indices = NULL;
+}
+
+based_status based_state_zero_check(based_state_args *args, const DLTensor *t_, const DLTensor *indices) {
+    memset(args, 0, sizeof *args);
     based_view t;
     BASED_TRY(check_state_tensor(&t, t_, "state", "reset"));
     BASED_TRY(based_check_no_self_overlap(&t));
-    if (indices == NULL) {
-        if (t.numel > 0)
-            for (int64_t b = 0; b < t.shape[0]; b++) for_each_in_row(&t, b, NULL, 0);
-        return BASED_STATUS_OK;
-    }
+    args->dst = state_tensor_of(&t);
+    if (indices == NULL) return BASED_STATUS_OK;
     /* the indices are checked even when there is nothing to zero: a bad one is an error */
     int64_t *idx, n;
     BASED_TRY(read_indices(indices, t.shape[0], "reset", &idx, &n));
-    if (t.numel > 0)
-        for (int64_t i = 0; i < n; i++) for_each_in_row(&t, idx[i], NULL, 0);
-    free(idx);
+    args->indices = idx;
+    args->n_indices = n;
+    return BASED_STATUS_OK;
+}
+
+based_status based_cpu_state_zero(const based_state_args *args) {
+    const based_state_tensor *t = &args->dst;
+    if (t->numel == 0) return BASED_STATUS_OK;
+    if (args->indices == NULL) {
+        for (int64_t b = 0; b < t->shape[0]; b++) for_each_in_row(t, b, NULL, 0);
+        return BASED_STATUS_OK;
+    }
+    for (int64_t i = 0; i < args->n_indices; i++) for_each_in_row(t, args->indices[i], NULL, 0);
     return BASED_STATUS_OK;
 }
 
@@ -120,7 +151,14 @@ bad:;
                       based_format_shape(src, a, sizeof a), dst->name, based_format_shape(dst, b, sizeof b));
 }
 
-based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
+/* dst and src are the very same tensor (one address, dtype and strides): a copy is a no-op. */
+static int same_tensor(const based_state_tensor *dst, const based_state_tensor *src) {
+    return dst->data == src->data && dst->dtype == src->dtype &&
+           memcmp(dst->strides, src->strides, sizeof(int64_t) * (size_t)dst->ndim) == 0;
+}
+
+based_status based_state_copy_check(based_state_args *args, const DLTensor *dst_, const DLTensor *src_) {
+    memset(args, 0, sizeof *args);
     based_view dst, src;
     BASED_TRY(check_state_tensor(&dst, dst_, "dst", "copy_"));
     BASED_TRY(check_state_tensor(&src, src_, "src", "copy_"));
@@ -130,19 +168,26 @@ based_status based_state_copy(DLTensor *dst_, const DLTensor *src_) {
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: src has shape %s, which does not match dst %s",
                           based_format_shape(&src, a, sizeof a), based_format_shape(&dst, b, sizeof b));
     }
-    if (dst.numel == 0) return BASED_STATUS_OK;
-    if (dst.data == src.data && dst.dtype == src.dtype &&
-        memcmp(dst.strides, src.strides, sizeof(int64_t) * (size_t)dst.ndim) == 0)
-        return BASED_STATUS_OK; /* the same tensor: nothing to copy */
+    args->dst = state_tensor_of(&dst);
+    args->src = state_tensor_of(&src);
+    if (dst.numel == 0 || same_tensor(&args->dst, &args->src)) return BASED_STATUS_OK;
     if (based_check_disjoint(&dst, &src) != BASED_STATUS_OK) {
         based_clear_error();
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: dst and src share memory; copy from a clone instead");
     }
-    for (int64_t b = 0; b < dst.shape[0]; b++) for_each_in_row(&dst, b, &src, b);
     return BASED_STATUS_OK;
 }
 
-based_status based_state_gather(DLTensor *dst_, const DLTensor *src_, const DLTensor *indices) {
+based_status based_cpu_state_copy(const based_state_args *args) {
+    const based_state_tensor *dst = &args->dst, *src = &args->src;
+    if (dst->numel == 0 || same_tensor(dst, src)) return BASED_STATUS_OK;
+    for (int64_t b = 0; b < dst->shape[0]; b++) for_each_in_row(dst, b, src, b);
+    return BASED_STATUS_OK;
+}
+
+based_status based_state_gather_check(based_state_args *args, const DLTensor *dst_, const DLTensor *src_,
+                                      const DLTensor *indices) {
+    memset(args, 0, sizeof *args);
     based_view dst, src;
     BASED_TRY(check_state_tensor(&dst, dst_, "dst", "index_select"));
     BASED_TRY(check_state_tensor(&src, src_, "src", "index_select"));
@@ -155,36 +200,54 @@ based_status based_state_gather(DLTensor *dst_, const DLTensor *src_, const DLTe
                           "index_select: %lld batch indices given for a destination of batch size %lld",
                           (long long)n, (long long)dst.shape[0]);
     }
-    if (dst.numel == 0) {
-        free(idx);
-        return BASED_STATUS_OK;
+    args->dst = state_tensor_of(&dst);
+    args->src = state_tensor_of(&src);
+    args->indices = idx;
+    args->n_indices = n;
+    return BASED_STATUS_OK;
+}
+
+/* Whether the element ranges of a and b (one device) share a byte. */
+static int share_memory(const based_state_tensor *a, const based_state_tensor *b) {
+    int64_t a_lo = 0, a_hi = 0, b_lo = 0, b_hi = 0;
+    for (int32_t i = 0; i < a->ndim; i++) {
+        const int64_t span = a->strides[i] * (a->shape[i] - 1);
+        *(span < 0 ? &a_lo : &a_hi) += span;
     }
-    int overlap = based_check_disjoint(&dst, &src) != BASED_STATUS_OK;
-    based_clear_error();
-    if (!overlap) {
-        for (int64_t i = 0; i < n; i++) for_each_in_row(&dst, i, &src, idx[i]);
-        free(idx);
+    for (int32_t i = 0; i < b->ndim; i++) {
+        const int64_t span = b->strides[i] * (b->shape[i] - 1);
+        *(span < 0 ? &b_lo : &b_hi) += span;
+    }
+    const uintptr_t a0 = (uintptr_t)a->data + (uintptr_t)(a_lo * a->itemsize);
+    const uintptr_t a1 = (uintptr_t)a->data + (uintptr_t)((a_hi + 1) * a->itemsize);
+    const uintptr_t b0 = (uintptr_t)b->data + (uintptr_t)(b_lo * b->itemsize);
+    const uintptr_t b1 = (uintptr_t)b->data + (uintptr_t)((b_hi + 1) * b->itemsize);
+    return !(a1 <= b0 || b1 <= a0);
+}
+
+based_status based_cpu_state_gather(const based_state_args *args) {
+    const based_state_tensor *dst = &args->dst, *src = &args->src;
+    const int64_t n = args->n_indices;
+    if (dst->numel == 0) return BASED_STATUS_OK;
+    if (!share_memory(dst, src)) {
+        for (int64_t i = 0; i < n; i++) for_each_in_row(dst, i, src, args->indices[i]);
         return BASED_STATUS_OK;
     }
     /* In-place reorder: stage the selected rows in a contiguous buffer first. */
-    int64_t row = src.numel / src.shape[0];
-    char *tmp = based_scratch_alloc((size_t)(n * row * src.itemsize));
-    if (tmp == NULL) {
-        free(idx);
+    int64_t row = src->numel / src->shape[0];
+    char *tmp = based_scratch_alloc((size_t)(n * row * src->itemsize));
+    if (tmp == NULL)
         return based_fail(BASED_STATUS_OUT_OF_MEMORY, "index_select: out of memory for a %lld-byte staging buffer",
-                          (long long)(n * row * src.itemsize));
-    }
-    based_view stage = dst;
+                          (long long)(n * row * src->itemsize));
+    based_state_tensor stage = *dst;
     stage.data = tmp;
-    stage.name = "staging";
     int64_t stride = 1;
-    for (int32_t d = dst.ndim - 1; d >= 0; d--) {
+    for (int32_t d = dst->ndim - 1; d >= 0; d--) {
         stage.strides[d] = stride;
-        stride *= dst.shape[d];
+        stride *= dst->shape[d];
     }
-    for (int64_t i = 0; i < n; i++) for_each_in_row(&stage, i, &src, idx[i]);
-    for (int64_t i = 0; i < n; i++) for_each_in_row(&dst, i, &stage, i);
+    for (int64_t i = 0; i < n; i++) for_each_in_row(&stage, i, src, args->indices[i]);
+    for (int64_t i = 0; i < n; i++) for_each_in_row(dst, i, &stage, i);
     based_scratch_free(tmp);
-    free(idx);
     return BASED_STATUS_OK;
 }
