@@ -29,6 +29,18 @@
  * float32, float64, float16 and bfloat16; accumulation is float32 (float64 for
  * float64 inputs). Outputs have the dtype of v.
  *
+ * Devices: every tensor of a call lives on one device, which picks where the op runs:
+ * CPU memory (kDLCPU, pinned kDLCUDAHost) runs the CPU kernels; CUDA memory (kDLCUDA,
+ * kDLCUDAManaged) the CUDA kernels of a build with nvcc, on that device, asynchronously on
+ * the stream the call passes (NULL: the legacy default stream). Both backends refuse the
+ * same calls with the same messages, and CUDA adds two rules, checked in every build: no
+ * float64 tensors (TypeError: the CUDA kernels compute in float32, float16 and bfloat16),
+ * and each tensor an op reads or writes by rows (q, k, v, out, the state, the cache, x)
+ * has unit stride along its last dim when that dim is longer than 1 (ValueError). Token
+ * counters of CUDA tensors are not read on the host (kernels/based_cuda.h says what the
+ * kernels do with them). A build without nvcc answers CUDA tensors that pass the checks
+ * with BASED_STATUS_NOT_IMPLEMENTED, naming the op; so do the _ref twins, on the CPU only.
+ *
  * Worked example (C, no Python): prefill a prompt, then decode one token.
  *
  *     based_linear_attention_params p = based_linear_attention_params_default(16);
@@ -215,7 +227,9 @@ BASED_API based_status based_sliding_window_decode_ref(
 /* ---------------------------------------------------------------------------------
  * State helpers, shared by the linear-attention state and the window cache. They
  * work on any tensor whose axis 0 is the batch, in any supported dtype
- * (float32/float64/float16/bfloat16/int64), any strides.
+ * (float32/float64/float16/bfloat16/int64), any strides. They run on CUDA when a
+ * tensor is there; copy and gather may also move rows between the host and a GPU or
+ * two GPUs. Batch indices are read on the host: they must be in CPU memory.
  * --------------------------------------------------------------------------------- */
 
 /* Zero t[i] for every i in batch_indices (int64, 1-D; NULL: all of t). Indices may be

@@ -388,16 +388,47 @@ based_status based_check_same_device(const based_view *const *views, int n) {
     return BASED_STATUS_OK;
 }
 
-based_status based_check_host(const based_view *v, const char *op) {
+based_status based_device_of(const based_view *v, const char *op, based_device *device) {
+    device->kind = BASED_DEVICE_CPU;
+    device->id = 0;
     if (is_host(v->device)) return BASED_STATUS_OK;
+    if (v->device.device_type == kDLCUDA || v->device.device_type == kDLCUDAManaged) {
+        device->kind = BASED_DEVICE_CUDA;
+        device->id = v->device.device_id;
+        return BASED_STATUS_OK;
+    }
     char d[48];
-    if (v->device.device_type == kDLCUDA || v->device.device_type == kDLCUDAManaged)
-        return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
-                          "%s: %s is on %s, and this build of based has no CUDA kernel for %s%s; use CPU tensors",
-                          op, v->name, device_name(v->device, d, sizeof d), op,
-                          based_built_with_cuda() ? "" : " (it was built without nvcc)");
     return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s is on %s; expected a CPU or CUDA tensor", op, v->name,
                       device_name(v->device, d, sizeof d));
+}
+
+based_status based_check_device(const based_view *const *views, int n, const char *op, based_device *device) {
+    BASED_TRY(based_check_same_device(views, n));
+    for (int i = 0; i < n; i++)
+        if (views[i] != NULL) return based_device_of(views[i], op, device);
+    device->kind = BASED_DEVICE_CPU;
+    device->id = 0;
+    return BASED_STATUS_OK;
+}
+
+based_status based_check_cuda_rows(const based_view *const *views, int n, based_device device, const char *op) {
+    if (device.kind != BASED_DEVICE_CUDA) return BASED_STATUS_OK;
+    for (int i = 0; i < n; i++)
+        if (views[i]->dtype == BASED_DTYPE_FLOAT64)
+            return based_fail(BASED_STATUS_TYPE_ERROR,
+                              "%s: %s is float64 on cuda:%d; the CUDA kernels compute in float32, float16 and bfloat16",
+                              op, views[i]->name, (int)device.id);
+    for (int i = 0; i < n; i++) {
+        const based_view *v = views[i];
+        if (v->ndim < 1) continue;
+        const int64_t size = v->shape[v->ndim - 1], stride = v->strides[v->ndim - 1];
+        if (size > 1 && stride != 1)
+            return based_fail(BASED_STATUS_VALUE_ERROR,
+                              "%s: on CUDA, %s must have unit stride along its last dim (of size %lld), got stride "
+                              "%lld; pass .contiguous()",
+                              op, v->name, (long long)size, (long long)stride);
+    }
+    return BASED_STATUS_OK;
 }
 
 based_status based_check_no_self_overlap(const based_view *v) {

@@ -66,13 +66,12 @@ based_status based_taylor_feature_map_check(based_feature_map_args *args, const 
     }
     BASED_TRY(based_check_shape(&out, x.ndim, want, dims));
     const based_view *all[] = {&x, &out};
-    BASED_TRY(based_check_same_device(all, 2));
-    BASED_TRY(based_check_host(&x, "taylor_feature_map"));
+    BASED_TRY(based_check_device(all, 2, "taylor_feature_map", &args->device));
+    BASED_TRY(based_check_cuda_rows(all, 2, args->device, "taylor_feature_map"));
     BASED_TRY(based_check_scalar(scale, "scale", 1));
     const based_view *written[] = {&out}, *read[] = {&x};
     BASED_TRY(based_check_writes(written, 1, read, 1));
 
-    args->device.kind = BASED_DEVICE_CPU;
     args->x = x.data;
     args->out = out.data;
     args->dtype = x.dtype;

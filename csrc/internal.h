@@ -88,10 +88,20 @@ based_status based_check_shape(const based_view *v, int32_t ndim, const int64_t 
 /* All views on one device (type and id); NULL entries skipped. */
 based_status based_check_same_device(const based_view *const *views, int n);
 
-/* The op runs on the host: the device must be CPU or pinned host memory. A CUDA device
- * gives NOT_IMPLEMENTED naming `op` (this build has no CUDA kernel for it); any other
- * device a VALUE_ERROR. */
-based_status based_check_host(const based_view *v, const char *op);
+/* The device rule of SPEC 4, the same for both backends. based_device_of: v's device as a
+ * backend, CPU for host memory (kDLCPU, pinned kDLCUDAHost), CUDA with its ordinal for
+ * kDLCUDA and kDLCUDAManaged; any other device is a VALUE_ERROR naming `op` and v.
+ * based_check_device: views[0..n) (NULL skipped) on one device (based_check_same_device),
+ * which based_device_of maps into *device. */
+based_status based_device_of(const based_view *v, const char *op, based_device *device);
+based_status based_check_device(const based_view *const *views, int n, const char *op, based_device *device);
+
+/* What the CUDA kernels of an op that computes need of the tensors it reads or writes row by
+ * row, checked whichever backend the build has so that both refuse the same calls (no-op
+ * unless device is CUDA): no float64 tensor (TYPE_ERROR: the CUDA kernels compute in float32,
+ * float16 and bfloat16), then unit stride along the last axis where it has size > 1
+ * (VALUE_ERROR). Token counters and batch indices are not rows. */
+based_status based_check_cuda_rows(const based_view *const *views, int n, based_device device, const char *op);
 
 /* Outputs and states: no two index tuples may address the same element
  * ("out has overlapping memory: stride 0 along axis 2 of size 4"). */

@@ -110,8 +110,9 @@ based_status based_linear_attention_check(based_linear_attention_args *args, con
     BASED_TRY(based_check_shape(&tokens, 1, ts, "B"));
 
     const based_view *all[] = {&q, &k, &v, &kv, &ksum, &tokens, &out};
-    BASED_TRY(based_check_same_device(all, 7));
-    for (int i = 0; i < 7; i++) BASED_TRY(based_check_host(all[i], op));
+    BASED_TRY(based_check_device(all, 7, op, &args->device));
+    const based_view *rows[] = {&q, &k, &v, &kv, &ksum, &out};
+    BASED_TRY(based_check_cuda_rows(rows, 6, args->device, op));
 
     BASED_TRY(based_check_scalar(p->scale, "scale", 1));
     BASED_TRY(based_check_scalar(p->eps, "eps", 0));
@@ -124,7 +125,6 @@ based_status based_linear_attention_check(based_linear_attention_args *args, con
     BASED_TRY(based_check_writes(wr, 4, rd, 3));
 
     args->phase = phase;
-    args->device.kind = BASED_DEVICE_CPU;
     args->q = prefill ? based_tensor_of(&q) : based_tensor_of_decode(&q);
     args->k = prefill ? based_tensor_of(&k) : based_tensor_of_decode(&k);
     args->v = prefill ? based_tensor_of(&v) : based_tensor_of_decode(&v);
@@ -145,8 +145,9 @@ based_status based_linear_attention_check(based_linear_attention_args *args, con
     args->normalize = p->normalize != 0;
     args->chunk = p->chunk_size ? p->chunk_size : BASED_LIN_DEFAULT_CHUNK;
 
-    /* token counters: non-negative, and room for T more */
-    for (int64_t b = 0; b < B; b++) {
+    /* token counters: non-negative, and room for T more (on the host only: CUDA counters are
+     * the kernels' to read, see kernels/based_cuda.h) */
+    for (int64_t b = 0; args->device.kind == BASED_DEVICE_CPU && b < B; b++) {
         int64_t n = based_tokens_at(&args->tokens, b), sum;
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: state.tokens[%lld] is %lld; token counts must be >= 0",

@@ -61,14 +61,13 @@ based_status based_linear_state_check(based_linear_state_args *args, const DLTen
     BASED_TRY(based_check_shape(&s->ksum_exp, 3, kses, "B,H,F273"));
 
     const based_view *all[] = {&s->kv, &s->ksum, &s->kv_exp, &s->ksum_exp};
-    BASED_TRY(based_check_same_device(all, 4));
-    for (int i = 0; i < 4; i++) BASED_TRY(based_check_host(all[i], op));
+    BASED_TRY(based_check_device(all, 4, op, &args->device));
+    BASED_TRY(based_check_cuda_rows(all, 4, args->device, op));
     const based_view *in0 = from_expanded ? &s->kv_exp : &s->kv, *in1 = from_expanded ? &s->ksum_exp : &s->ksum;
     const based_view *o0 = from_expanded ? &s->kv : &s->kv_exp, *o1 = from_expanded ? &s->ksum : &s->ksum_exp;
     const based_view *written[] = {o0, o1}, *read[] = {in0, in1};
     BASED_TRY(based_check_writes(written, 2, read, 2));
 
-    args->device.kind = BASED_DEVICE_CPU;
     args->kv = based_tensor_of(&s->kv);
     args->ksum = based_tensor_of(&s->ksum);
     args->kv_exp = based_tensor_of(&s->kv_exp);

@@ -112,15 +112,15 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
     BASED_TRY(based_check_shape(&c->tokens, 1, tokens_want, "B"));
 
     const based_view *all[] = {&c->q, &c->k, &c->v, &c->k_cache, &c->v_cache, &c->tokens, &c->out};
-    BASED_TRY(based_check_same_device(all, 7));
-    BASED_TRY(based_check_host(&c->q, op));
+    BASED_TRY(based_check_device(all, 7, op, &args->device));
+    const based_view *rows[] = {&c->q, &c->k, &c->v, &c->k_cache, &c->v_cache, &c->out};
+    BASED_TRY(based_check_cuda_rows(rows, 6, args->device, op));
 
     /* everything written: out, the cache, tokens */
     const based_view *written[] = {&c->out, &c->k_cache, &c->v_cache, &c->tokens}, *read[] = {&c->q, &c->k, &c->v};
     BASED_TRY(based_check_writes(written, 4, read, 3));
 
     args->phase = phase;
-    args->device.kind = BASED_DEVICE_CPU;
     args->q = decode ? based_tensor_of_decode(&c->q) : based_tensor_of(&c->q);
     args->k = decode ? based_tensor_of_decode(&c->k) : based_tensor_of(&c->k);
     args->v = decode ? based_tensor_of_decode(&c->v) : based_tensor_of(&c->v);
@@ -136,7 +136,8 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
     args->window = W;
     args->scale = params->scale;
 
-    for (int64_t b = 0; b < B; b++) {
+    /* token counters, on the host only (CUDA counters are the kernels' to check: based_cuda.h) */
+    for (int64_t b = 0; args->device.kind == BASED_DEVICE_CPU && b < B; b++) {
         const int64_t n = based_tokens_at(&args->tokens, b);
         if (n < 0)
             return based_fail(BASED_STATUS_VALUE_ERROR, "%s: tokens[%lld] must be >= 0, got %lld", op, (long long)b,

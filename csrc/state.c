@@ -46,14 +46,14 @@ static void for_each_in_row(const based_state_tensor *dst, int64_t b, const base
     }
 }
 
-/* A checked view as an args state tensor. */
-static based_state_tensor state_tensor_of(const based_view *v) {
+/* A checked view on `device` as an args state tensor. */
+static based_state_tensor state_tensor_of(const based_view *v, based_device device) {
     based_state_tensor t;
     memset(&t, 0, sizeof t);
     t.data = v->data;
     t.dtype = v->dtype;
     t.itemsize = v->itemsize;
-    t.device.kind = BASED_DEVICE_CPU;
+    t.device = device;
     t.ndim = v->ndim;
     for (int32_t i = 0; i < v->ndim; i++) {
         t.shape[i] = v->shape[i];
@@ -63,19 +63,28 @@ static based_state_tensor state_tensor_of(const based_view *v) {
     return t;
 }
 
-static based_status check_state_tensor(based_view *v, const DLTensor *t, const char *name, const char *op) {
+/* A state tensor: at least a batch axis, on the CPU or a CUDA device (*device). */
+static based_status check_state_tensor(based_view *v, based_device *device, const DLTensor *t, const char *name,
+                                       const char *op) {
     BASED_TRY(based_view_init(v, t, name));
     if (v->ndim < 1)
         return based_fail(BASED_STATUS_VALUE_ERROR, "%s: %s must have a batch axis (at least 1 dimension)", op, name);
-    return based_check_host(v, op);
+    return based_device_of(v, op, device);
 }
 
-/* Reads indices into a malloc'd array, normalising negatives; all checked first. */
+/* Reads indices into a malloc'd array, normalising negatives; all checked first. They are
+ * read here, on the host, whatever the device of the state: they must be in host memory. */
 static based_status read_indices(const DLTensor *t, int64_t n_rows, const char *op, int64_t **out, int64_t *count) {
     based_view iv;
+    based_device device;
     BASED_TRY(based_view_init(&iv, t, "batch_indices"));
     BASED_TRY(based_check_dtype(&iv, BASED_DTYPES_INDEX));
-    BASED_TRY(based_check_host(&iv, op));
+    BASED_TRY(based_device_of(&iv, op, &device));
+    if (device.kind != BASED_DEVICE_CPU)
+        return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
+                          "%s: batch_indices is on cuda:%d; batch indices are read on the host, so pass them in CPU "
+                          "memory",
+                          op, (int)device.id);
     if (iv.ndim != 1) {
         char buf[96];
         return based_fail(BASED_STATUS_VALUE_ERROR, "%s: batch_indices must be 1-D, got shape %s", op,
@@ -107,9 +116,10 @@ void based_state_args_free(based_state_args *args) {
 based_status based_state_zero_check(based_state_args *args, const DLTensor *t_, const DLTensor *indices) {
     memset(args, 0, sizeof *args);
     based_view t;
-    BASED_TRY(check_state_tensor(&t, t_, "state", "reset"));
+    based_device device;
+    BASED_TRY(check_state_tensor(&t, &device, t_, "state", "reset"));
     BASED_TRY(based_check_no_self_overlap(&t));
-    args->dst = state_tensor_of(&t);
+    args->dst = state_tensor_of(&t, device);
     if (indices == NULL) return BASED_STATUS_OK;
     /* the indices are checked even when there is nothing to zero: a bad one is an error */
     int64_t *idx, n;
@@ -138,8 +148,6 @@ static based_status check_pair(based_view *dst, based_view *src, const char *op,
     } else {
         BASED_TRY(based_check_same_dtype(src, dst));
     }
-    const based_view *all[] = {dst, src};
-    BASED_TRY(based_check_same_device(all, 2));
     BASED_TRY(based_check_no_self_overlap(dst));
     if (dst->ndim != src->ndim) goto bad;
     for (int32_t i = 1; i < dst->ndim; i++)
@@ -151,25 +159,28 @@ bad:;
                       based_format_shape(src, a, sizeof a), dst->name, based_format_shape(dst, b, sizeof b));
 }
 
-/* dst and src are the very same tensor (one address, dtype and strides): a copy is a no-op. */
+/* dst and src are the very same tensor (one device, address, dtype and strides): a copy is a
+ * no-op. */
 static int same_tensor(const based_state_tensor *dst, const based_state_tensor *src) {
-    return dst->data == src->data && dst->dtype == src->dtype &&
+    return dst->device.kind == src->device.kind && dst->device.id == src->device.id && dst->data == src->data &&
+           dst->dtype == src->dtype &&
            memcmp(dst->strides, src->strides, sizeof(int64_t) * (size_t)dst->ndim) == 0;
 }
 
 based_status based_state_copy_check(based_state_args *args, const DLTensor *dst_, const DLTensor *src_) {
     memset(args, 0, sizeof *args);
     based_view dst, src;
-    BASED_TRY(check_state_tensor(&dst, dst_, "dst", "copy_"));
-    BASED_TRY(check_state_tensor(&src, src_, "src", "copy_"));
+    based_device dst_device, src_device;
+    BASED_TRY(check_state_tensor(&dst, &dst_device, dst_, "dst", "copy_"));
+    BASED_TRY(check_state_tensor(&src, &src_device, src_, "src", "copy_"));
     BASED_TRY(check_pair(&dst, &src, "copy_", 1));
     if (dst.shape[0] != src.shape[0]) {
         char a[128], b[128];
         return based_fail(BASED_STATUS_VALUE_ERROR, "copy_: src has shape %s, which does not match dst %s",
                           based_format_shape(&src, a, sizeof a), based_format_shape(&dst, b, sizeof b));
     }
-    args->dst = state_tensor_of(&dst);
-    args->src = state_tensor_of(&src);
+    args->dst = state_tensor_of(&dst, dst_device);
+    args->src = state_tensor_of(&src, src_device);
     if (dst.numel == 0 || same_tensor(&args->dst, &args->src)) return BASED_STATUS_OK;
     if (based_check_disjoint(&dst, &src) != BASED_STATUS_OK) {
         based_clear_error();
@@ -189,8 +200,9 @@ based_status based_state_gather_check(based_state_args *args, const DLTensor *ds
                                       const DLTensor *indices) {
     memset(args, 0, sizeof *args);
     based_view dst, src;
-    BASED_TRY(check_state_tensor(&dst, dst_, "dst", "index_select"));
-    BASED_TRY(check_state_tensor(&src, src_, "src", "index_select"));
+    based_device dst_device, src_device;
+    BASED_TRY(check_state_tensor(&dst, &dst_device, dst_, "dst", "index_select"));
+    BASED_TRY(check_state_tensor(&src, &src_device, src_, "src", "index_select"));
     BASED_TRY(check_pair(&dst, &src, "index_select", 0));
     int64_t *idx, n;
     BASED_TRY(read_indices(indices, src.shape[0], "index_select", &idx, &n));
@@ -200,8 +212,8 @@ based_status based_state_gather_check(based_state_args *args, const DLTensor *ds
                           "index_select: %lld batch indices given for a destination of batch size %lld",
                           (long long)n, (long long)dst.shape[0]);
     }
-    args->dst = state_tensor_of(&dst);
-    args->src = state_tensor_of(&src);
+    args->dst = state_tensor_of(&dst, dst_device);
+    args->src = state_tensor_of(&src, src_device);
     args->indices = idx;
     args->n_indices = n;
     return BASED_STATUS_OK;

@@ -24,3 +24,21 @@ def test_c_api_program(tmp_path, openmp):
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "all checks passed" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_cuda_dispatch_program(tmp_path):
+    """tests/c/test_cuda_dispatch.c: the C core built as for a CUDA build (-DBASED_WITH_CUDA),
+    with a stand-in for kernels/ that records each call -- the seam, on any machine (no nvcc,
+    no GPU): which CUDA function each op reaches, with which checked arguments and stream,
+    and which calls the shared checks refuse first."""
+    sources = sorted(str(p) for p in (ROOT / "csrc").glob("*.c"))
+    exe = tmp_path / "test_cuda_dispatch"
+    cmd = ["cc", "-std=c11", "-O0", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-DBASED_WITH_CUDA",
+           f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}", str(ROOT / "tests" / "c" / "test_cuda_dispatch.c"),
+           *sources, "-lm", "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stderr}"
+    assert "all checks passed" in run.stdout

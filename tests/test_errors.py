@@ -3,7 +3,7 @@ names the argument, the expected and the given, and nothing written on failure."
 
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
+from conftest import RawProducer, requires_torch, torch
 
 import based
 from based import _C
@@ -140,3 +140,116 @@ def test_bad_buffer_requests():
     if not based.build_info()["cuda"]:
         with pytest.raises(NotImplementedError, match="built without CUDA"):
             based.zeros((2,), device="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# The device rule (SPEC 4) on CUDA tensors, checked on any machine: host memory labelled
+# CUDA (DLPack device type 2) goes through every check of the C core, which reads neither
+# it nor its token counters; what follows a passed check depends on the build.
+# ---------------------------------------------------------------------------------------
+
+
+def on_cuda(a, **kw):
+    return RawProducer(a, device=(2, 0), **kw)
+
+
+def cuda_calls(tokens0=0):
+    """Every op, all tensors host memory labelled cuda:0: (name, call, written arrays). The
+    token counters hold tokens0, which the CPU would refuse when negative."""
+    rng = np.random.default_rng(3)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    b, t, h, dk, dv, w = 2, 3, 2, 4, 5, 4
+    f = 1 + dk + dk * (dk + 1) // 2
+    q, k, v, out = f32(b, t, h, dk), f32(b, t, h, dk), f32(b, t, h, dv), f32(b, t, h, dv)
+    kv, ksum, tokens = f32(b, h, f, dv), f32(b, h, f), np.full(b, tokens0, np.int64)
+    kv_e, ksum_e = f32(b, h, 1 + dk + dk * dk, dv), f32(b, h, 1 + dk + dk * dk)
+    kc, vc, x, phi = f32(b, h, w, dk), f32(b, h, w, dk), f32(3, dk), f32(3, f)
+    wq, wv, wo = f32(b, t, h, dk), f32(b, t, h, dk), f32(b, t, h, dk)
+    c = on_cuda
+
+    def lin(fn, sl, *extra):
+        return lambda: fn(c(q[sl]), c(k[sl]), c(v[sl]), c(kv), c(ksum), c(tokens), c(out[sl]), 0.5, True, 1e-6, *extra)
+
+    def win(fn, sl):
+        return lambda: fn(c(wq[sl]), c(k[sl]), c(wv[sl]), c(kc), c(vc), c(tokens), c(wo[sl]), w, 0.5)
+
+    every = (q, k, v, out, kv, ksum, tokens, kv_e, ksum_e, kc, vc, x, phi, wq, wv, wo)
+    return every, [
+        ("taylor_feature_map", lambda: _C.taylor_feature_map(c(x), c(phi), 0.5)),
+        ("linear_attention_prefill", lin(_C.linear_attention_prefill, np.s_[:], 0)),
+        ("linear_attention_decode", lin(_C.linear_attention_decode, np.s_[:, 0])),
+        ("linear_state_to_expanded", lambda: _C.linear_state_to_expanded(c(kv), c(ksum), c(kv_e), c(ksum_e))),
+        ("linear_state_from_expanded", lambda: _C.linear_state_from_expanded(c(kv_e), c(ksum_e), c(kv), c(ksum))),
+        ("sliding_window_prefill", win(_C.sliding_window_prefill, np.s_[:])),
+        ("sliding_window_decode", win(_C.sliding_window_decode, np.s_[:, 0])),
+        ("reset", lambda: _C.state_zero(c(kv), np.array([1]))),
+        ("copy_", lambda: _C.state_copy(c(kv), kv_e[:, :, :f].copy())),
+        ("index_select", lambda: _C.state_gather(c(kv), c(kv_e[:, :, :f].copy()), np.array([1, 0]))),
+    ]
+
+
+@pytest.mark.skipif(based.cuda_available(), reason="host memory labelled CUDA must not reach a GPU kernel")
+def test_cuda_tensors_pass_the_checks_then_fail_cleanly_without_a_gpu():
+    """Token counters of -3 would fail a CPU call: on CUDA the checks leave them to the kernels
+    (no device sync). A build without nvcc names itself; a CUDA build on a machine without a
+    GPU fails in its CUDA function. Either way nothing is written."""
+    arrays, calls = cuda_calls(tokens0=-3)
+    before = [a.tobytes() for a in arrays]
+    for name, call in calls:
+        if based.build_info()["cuda"]:
+            with pytest.raises((NotImplementedError, RuntimeError), match=name.rstrip("_") + "|CUDA|cuda"):
+                call()
+        else:
+            with pytest.raises(NotImplementedError, match=rf"this build of based has no CUDA kernel for {name} "
+                                                          r"\(it was built without nvcc\)"):
+                call()
+    assert [a.tobytes() for a in arrays] == before
+
+
+def test_cuda_reference_twins_refuse_cuda_tensors():
+    q, k, v = (np.zeros((1, 2, 1, 4), np.float32) for _ in range(3))
+    kv, ksum, tok, out = np.zeros((1, 1, 15, 4), np.float32), np.zeros((1, 1, 15), np.float32), np.zeros(1, np.int64), \
+        np.full((1, 2, 1, 4), 7, np.float32)
+    c = on_cuda
+    with pytest.raises(NotImplementedError, match=r"linear_attention_prefill_ref: q is on cuda:0; the reference twins "
+                                                  r"run on the CPU, so pass CPU tensors"):
+        _C.linear_attention_prefill_ref(c(q), c(k), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0)
+    kc = np.zeros((1, 1, 3, 4), np.float32)
+    with pytest.raises(NotImplementedError, match=r"sliding_window_decode_ref: q is on cuda:0; the reference twins"):
+        _C.sliding_window_decode_ref(c(q[:, 0]), c(k[:, 0]), c(v[:, 0]), c(kc), c(kc.copy()), c(tok), c(out[:, 0]), 3,
+                                     0.5)
+    assert np.all(out == 7)
+
+
+def test_cuda_refuses_float64_with_one_message_in_every_build():
+    x, phi = np.zeros((3, 4)), np.full((3, 15), 7.0)
+    with pytest.raises(TypeError, match=r"^taylor_feature_map: x is float64 on cuda:0; the CUDA kernels compute in "
+                                        r"float32, float16 and bfloat16$"):
+        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5)
+    q, v, out = np.zeros((2, 3, 1, 4)), np.zeros((2, 3, 1, 4)), np.full((2, 3, 1, 4), 7.0)
+    kv, ksum, tok = np.zeros((2, 1, 15, 4), np.float32), np.zeros((2, 1, 15), np.float32), np.zeros(2, np.int64)
+    c = on_cuda
+    with pytest.raises(TypeError, match=r"^linear_attention_prefill: q is float64 on cuda:0; the CUDA kernels"):
+        _C.linear_attention_prefill(c(q), c(q), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0)
+    with pytest.raises(TypeError, match=r"^linear_attention_decode: state.kv is float64 on cuda:0"):
+        _C.linear_attention_decode(c(q[:, 0].astype(np.float32)), c(q[:, 0].astype(np.float32)),
+                                   c(v[:, 0].astype(np.float32)), c(kv.astype(np.float64)), c(ksum.astype(np.float64)),
+                                   c(tok), c(out[:, 0].astype(np.float32)), 0.5, True, 1e-6)
+    assert np.all(phi == 7) and np.all(out == 7)
+
+
+def test_cuda_needs_unit_stride_along_rows():
+    x, phi = np.zeros((3, 8), np.float32)[:, ::2], np.full((3, 15), 7.0, np.float32)
+    with pytest.raises(ValueError, match=r"^taylor_feature_map: on CUDA, x must have unit stride along its last dim "
+                                         r"\(of size 4\), got stride 2; pass \.contiguous\(\)$"):
+        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5)
+    q = np.zeros((2, 1, 4), np.float32)
+    kc = np.zeros((2, 1, 3, 8), np.float32)[..., ::2]
+    out, tok = np.full((2, 1, 4), 7.0, np.float32), np.zeros(2, np.int64)
+    c = on_cuda
+    with pytest.raises(ValueError, match=r"^sliding_window_decode: on CUDA, k_cache must have unit stride along its "
+                                         r"last dim \(of size 4\), got stride 2; pass \.contiguous\(\)$"):
+        _C.sliding_window_decode(c(q), c(q), c(q), c(kc), c(kc.copy()), c(tok), c(out), 3, 0.5)
+    # the CPU kernels take any strides
+    _C.taylor_feature_map(np.zeros((3, 8), np.float32)[:, ::2], phi, 0.5)
+    assert np.all(out == 7)

@@ -1,10 +1,13 @@
 /*
  * test_c_api.c -- csrc/based.h used from plain C, no Python: the feature map against a
  * direct formula, the error contract (status, message, nothing written), state helpers, and
- * the linear-attention and sliding-window kernels against their plain-loop twins.
+ * the linear-attention and sliding-window kernels against their plain-loop twins, and the
+ * device rule for CUDA tensors in this build without CUDA (tests/c/test_cuda_dispatch.c has
+ * the CUDA build's side).
  * Built and run by tests/test_c_api.py (cc -std=c11 -fopenmp -Icsrc, with every csrc C file).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -33,6 +36,92 @@ static DLTensor tensor(void *data, int ndim, int64_t *shape, int64_t *strides, u
     t.shape = shape;
     t.strides = strides;
     return t;
+}
+
+/* An address no host access may touch (far from anything mapped): the memory of a CUDA
+ * tensor, which the C core must never read or write on the host. */
+static void *device_address(int i) { return (void *)(((uintptr_t)1 << 44) + ((uintptr_t)i << 32)); }
+
+static DLTensor on_cuda(DLTensor t, int i) {
+    t.data = device_address(i);
+    t.device.device_type = kDLCUDA;
+    t.device.device_id = 0;
+    return t;
+}
+
+#define CHECK_ERROR(call, status, message)                                                                \
+    do {                                                                                                  \
+        based_status st_ = (call);                                                                        \
+        CHECK(st_ == (status), "%s: status %s, want %s (%s)", #call, based_status_str(st_),               \
+              based_status_str(status), based_last_error());                                              \
+        CHECK(strcmp(based_last_error(), (message)) == 0, "%s:\n  message %s\n  want    %s", #call,        \
+              based_last_error(), (message));                                                             \
+    } while (0)
+
+/* The device rule (SPEC 4) for CUDA tensors, which passes or fails in the checks shared by
+ * both backends, before anything runs: float64 and rows with a non-unit last stride are
+ * refused; a call that passes meets this build, which has no CUDA, and says so. Every
+ * tensor's memory is a device address: a host access would crash the test. */
+static void test_device_rule(void) {
+    int64_t xs[2] = {3, 4}, fs[2] = {3, 15}, x_strided[2] = {8, 2};
+    DLTensor x = on_cuda(tensor(NULL, 2, xs, NULL, kDLFloat, 32), 0);
+    DLTensor phi = on_cuda(tensor(NULL, 2, fs, NULL, kDLFloat, 32), 1);
+    DLTensor x64 = x, phi64 = phi;
+    x64.dtype.bits = phi64.dtype.bits = 64;
+    CHECK_ERROR(based_taylor_feature_map(&x64, &phi64, 0.5), BASED_STATUS_TYPE_ERROR,
+                "taylor_feature_map: x is float64 on cuda:0; the CUDA kernels compute in float32, float16 and "
+                "bfloat16");
+    DLTensor xs2 = x;
+    xs2.strides = x_strided;
+    CHECK_ERROR(based_taylor_feature_map(&xs2, &phi, 0.5), BASED_STATUS_VALUE_ERROR,
+                "taylor_feature_map: on CUDA, x must have unit stride along its last dim (of size 4), got stride 2; "
+                "pass .contiguous()");
+    CHECK_ERROR(based_taylor_feature_map(&x, &phi, 0.5), BASED_STATUS_NOT_IMPLEMENTED,
+                "taylor_feature_map: x is on cuda:0, and this build of based has no CUDA kernel for taylor_feature_map "
+                "(it was built without nvcc); use CPU tensors");
+
+    /* linear attention decode: q, k (B=2, H=3, Dk=4), v, out (2, 3, 5), state (2, 3, 15, 5) */
+    int64_t qs[3] = {2, 3, 4}, vs[3] = {2, 3, 5}, kvs[4] = {2, 3, 15, 5}, kss[3] = {2, 3, 15}, ts[1] = {2};
+    DLTensor q = on_cuda(tensor(NULL, 3, qs, NULL, kDLFloat, 16), 2), k = on_cuda(q, 3);
+    DLTensor v = on_cuda(tensor(NULL, 3, vs, NULL, kDLFloat, 16), 4), out = on_cuda(v, 5);
+    DLTensor kv = on_cuda(tensor(NULL, 4, kvs, NULL, kDLFloat, 32), 6);
+    DLTensor ksum = on_cuda(tensor(NULL, 3, kss, NULL, kDLFloat, 32), 7);
+    DLTensor tokens = on_cuda(tensor(NULL, 1, ts, NULL, kDLInt, 64), 8);
+    based_linear_attention_params p = based_linear_attention_params_default(4);
+    /* the token counters are not read on the host (a device sync): the call reaches the build */
+    CHECK_ERROR(based_linear_attention_decode(&q, &k, &v, &kv, &ksum, &tokens, &out, &p),
+                BASED_STATUS_NOT_IMPLEMENTED,
+                "linear_attention_decode: q is on cuda:0, and this build of based has no CUDA kernel for "
+                "linear_attention_decode (it was built without nvcc); use CPU tensors");
+    CHECK_ERROR(based_linear_attention_decode_ref(&q, &k, &v, &kv, &ksum, &tokens, &out, &p),
+                BASED_STATUS_NOT_IMPLEMENTED,
+                "linear_attention_decode_ref: q is on cuda:0; the reference twins run on the CPU, so pass CPU tensors");
+    int64_t ks_strided[3] = {90, 30, 2};
+    DLTensor ksum2 = ksum;
+    ksum2.strides = ks_strided;
+    CHECK_ERROR(based_linear_attention_decode(&q, &k, &v, &kv, &ksum2, &tokens, &out, &p), BASED_STATUS_VALUE_ERROR,
+                "linear_attention_decode: on CUDA, state.ksum must have unit stride along its last dim (of size 15), "
+                "got stride 2; pass .contiguous()");
+    DLTensor kv64 = kv, ksum64 = ksum;
+    kv64.dtype.bits = ksum64.dtype.bits = 64;
+    CHECK_ERROR(based_linear_attention_decode(&q, &k, &v, &kv64, &ksum64, &tokens, &out, &p), BASED_STATUS_TYPE_ERROR,
+                "linear_attention_decode: state.kv is float64 on cuda:0; the CUDA kernels compute in float32, float16 "
+                "and bfloat16");
+    DLTensor host_tokens = tokens;
+    host_tokens.device.device_type = kDLCPU;
+    CHECK_ERROR(based_linear_attention_decode(&q, &k, &v, &kv, &ksum, &host_tokens, &out, &p),
+                BASED_STATUS_VALUE_ERROR,
+                "state.tokens is on cpu but q is on cuda:0: all tensors of one call must be on one device");
+
+    /* state helpers: host batch indices, a CUDA state */
+    int64_t idx[2] = {1, -2}, is[1] = {2};
+    DLTensor tidx = tensor(idx, 1, is, NULL, kDLInt, 64);
+    CHECK_ERROR(based_state_zero(&kv, &tidx), BASED_STATUS_NOT_IMPLEMENTED,
+                "reset: state is on cuda:0, and this build of based has no CUDA kernel for reset (it was built without "
+                "nvcc); use CPU tensors");
+    DLTensor cuda_idx = on_cuda(tidx, 9);
+    CHECK_ERROR(based_state_zero(&kv, &cuda_idx), BASED_STATUS_NOT_IMPLEMENTED,
+                "reset: batch_indices is on cuda:0; batch indices are read on the host, so pass them in CPU memory");
 }
 
 int main(void) {
@@ -174,6 +263,7 @@ int main(void) {
           "window 0 accepted");
 
     CHECK(strcmp(based_status_str(BASED_STATUS_TYPE_ERROR), "type error") == 0, "status string");
+    test_device_rule();
     if (failures == 0) printf("test_c_api: all checks passed (based %s)\n", based_version());
     return failures != 0;
 }
