@@ -63,7 +63,7 @@ def _host_copy(a: Any) -> np.ndarray:
     name = _dtype_name(a)
     wide = "float32" if name in ("float16", "bfloat16") else name
     host = np.empty(tuple(a.shape), dtype=wide)
-    _C.state_copy(host, a)
+    _C.state_copy(host, a, None)
     return host
 
 
@@ -216,7 +216,7 @@ class RecurrentState:
         self._require_all_writable("reset")
         with self._in_use:
             for name in self._tensors:
-                _C.state_zero(self._t[name], idx)
+                _C.state_zero(self._t[name], idx, None)
         return self
 
     def copy_(self, other: "RecurrentState"):
@@ -245,7 +245,7 @@ class RecurrentState:
     def _copy_from(self, other: "RecurrentState") -> None:
         """The copy itself, all checks made and both flags held."""
         for name in self._tensors:
-            _C.state_copy(self._t[name], other._t[name])
+            _C.state_copy(self._t[name], other._t[name], None)
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
@@ -264,7 +264,7 @@ class RecurrentState:
         new = self._zeros_like_self(len(idx))
         with self._in_use:
             for name in self._tensors:
-                _C.state_gather(new._t[name], self._t[name], idx)
+                _C.state_gather(new._t[name], self._t[name], idx, None)
         return new
 
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
@@ -405,10 +405,10 @@ class RecurrentState:
             target = self._t[name]
             if _arrays.is_torch(target) and target.device.type != "cpu":
                 host = _arrays._torch().empty(tuple(target.shape), dtype=target.dtype)
-                _C.state_copy(host, arrays[name])
+                _C.state_copy(host, arrays[name], None)
                 target.copy_(host)
             else:
-                _C.state_copy(target, arrays[name])
+                _C.state_copy(target, arrays[name], None)
         return self
 
     def __repr__(self) -> str:

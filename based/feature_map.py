@@ -65,5 +65,5 @@ def taylor_feature_map(x, *, scale=None, out=None):
         shape = tuple(xi.shape[:-1]) + (feature_dim(dk),)
         _arrays.require_indexable("out", "(..., F)", shape, xi.dtype)
         out = _arrays.empty(x, shape, xi.dtype, xi.device)
-    _C.taylor_feature_map(x, out, scale)
+    _C.taylor_feature_map(x, out, scale, None)
     return out

@@ -171,7 +171,7 @@ class LinearAttentionState(RecurrentState):
         kv_e = _arrays.empty(self.kv, (b, h, rows, dv), dtype)
         ksum_e = _arrays.empty(self.ksum, (b, h, rows), dtype)
         with self._in_use:
-            _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e)
+            _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e, None)
         return kv_e, ksum_e
 
     @classmethod
@@ -205,7 +205,7 @@ class LinearAttentionState(RecurrentState):
         b, h, _, dv = (int(s) for s in ki.shape)
         new = cls.zeros(b, h, dk, dv, dtype=ki.dtype, scale=scale, like=kv if like is None else like,
                         device=None if like is not None else ki.device)
-        _C.linear_state_from_expanded(kv, ksum, new.kv, new.ksum)
+        _C.linear_state_from_expanded(kv, ksum, new.kv, new.ksum, None)
         return new
 
     # -- files ----------------------------------------------------------------------------
@@ -323,7 +323,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     with state._in_use:
-        _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0)
+        _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0, None)
     return out, state
 
 
@@ -358,5 +358,5 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
         vi = _arrays.float_input(v, "v", "(B, H, Dv)")
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     with state._in_use:
-        _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps)
+        _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps, None)
     return out

@@ -281,7 +281,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
     if out is None:
         out = _arrays.empty(v, (batch, seqlen, heads, head_dim), vi.dtype, qi.device)
     with cache._in_use:
-        _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+        _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out, cache
 
 
@@ -313,5 +313,5 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
     if out is None:
         out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)
     with cache._in_use:
-        _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+        _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out

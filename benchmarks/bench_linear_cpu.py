@@ -151,7 +151,7 @@ def bench_prefill(args):
 
     def twin():
         kv, ks, tok = np.zeros((b, h, f, dv), np.float32), np.zeros((b, h, f), np.float32), np.zeros(b, np.int64)
-        _C.linear_attention_prefill_ref(q, k, v, kv, ks, tok, out, scale, True, 1e-6, 0)
+        _C.linear_attention_prefill_ref(q, k, v, kv, ks, tok, out, scale, True, 1e-6, 0, None)
 
     results = {}
     for _ in range(args.rounds):

@@ -189,7 +189,7 @@ def bench_decode_layers(args, h=16, d=64, w=65, dtype="float32"):
     c_args = [ctypes.byref(x) for x in tensors] + [ctypes.byref(params)]
     fns = {
         "python": lambda: based.sliding_window_decode(q, k, v, cache, out=out),
-        "binding": lambda: _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, w, cache.scale),
+        "binding": lambda: _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, w, cache.scale, None),
         "c": lambda: c_decode(*c_args),
     }
     assert fns["c"]() == 0

@@ -15,6 +15,10 @@
  * Nothing here aborts or exits on bad input, and nothing allocates memory that the
  * caller sees: outputs and states are caller-owned tensors.
  *
+ * Streams: every op takes a `void *stream` (in its params struct, or as its last argument),
+ * the cudaStream_t to run on when its tensors are CUDA tensors; NULL is the legacy default
+ * stream, and on the CPU it is ignored. A CUDA call returns once its work is queued.
+ *
  * Glossary (used in every shape comment):
  *   B  batch          T  sequence length (tokens)       H   query heads
  *   Hkv key/value heads (H % Hkv == 0, grouped-query attention)
@@ -118,8 +122,9 @@ BASED_API int based_max_threads(void);
 BASED_API int64_t based_taylor_feature_dim(int64_t head_dim);
 
 /* x: (..., Dk) -> out: (..., F), same leading dims and dtype as x; scale > 0 and finite.
- * Computed in float32 (float64 for float64 x). out must not overlap x or itself. */
-BASED_API based_status based_taylor_feature_map(const DLTensor *x, DLTensor *out, double scale);
+ * Computed in float32 (float64 for float64 x). out must not overlap x or itself.
+ * stream: cudaStream_t for CUDA tensors (NULL: the legacy default stream); ignored on CPU. */
+BASED_API based_status based_taylor_feature_map(const DLTensor *x, DLTensor *out, double scale, void *stream);
 
 /* ---------------------------------------------------------------------------------
  * Taylor linear attention (SPEC 1.1, 3)
@@ -180,11 +185,12 @@ BASED_API based_status based_linear_attention_decode_ref(
  * [1, sqrt(scale) x, scale/sqrt(2) vec(x x^T)], so phi273(q).phi273(k) = 1 + s + s^2/2).
  *   kv: (B, H, F, Dv), ksum: (B, H, F)  <->  kv_exp: (B, H, F273, Dv), ksum_exp: (B, H, F273)
  * Row (i, j) of the expanded block holds scale/sqrt(2) x_i x_j, so an off-diagonal compact
- * row is split as row/sqrt(2) into (i, j) and (j, i); the conversion needs no scale. */
+ * row is split as row/sqrt(2) into (i, j) and (j, i); the conversion needs no scale.
+ * stream: cudaStream_t for CUDA tensors (NULL: the legacy default stream); ignored on CPU. */
 BASED_API based_status based_linear_state_to_expanded(
-    const DLTensor *kv, const DLTensor *ksum, DLTensor *kv_exp, DLTensor *ksum_exp);
+    const DLTensor *kv, const DLTensor *ksum, DLTensor *kv_exp, DLTensor *ksum_exp, void *stream);
 BASED_API based_status based_linear_state_from_expanded(
-    const DLTensor *kv_exp, const DLTensor *ksum_exp, DLTensor *kv, DLTensor *ksum);
+    const DLTensor *kv_exp, const DLTensor *ksum_exp, DLTensor *kv, DLTensor *ksum, void *stream);
 
 /* ---------------------------------------------------------------------------------
  * Sliding-window attention (SPEC 1.2, 3)
@@ -229,20 +235,22 @@ BASED_API based_status based_sliding_window_decode_ref(
  * work on any tensor whose axis 0 is the batch, in any supported dtype
  * (float32/float64/float16/bfloat16/int64), any strides. They run on CUDA when a
  * tensor is there; copy and gather may also move rows between the host and a GPU or
- * two GPUs. Batch indices are read on the host: they must be in CPU memory.
+ * two GPUs. Batch indices are read on the host: they must be in CPU memory. stream:
+ * cudaStream_t for CUDA tensors (NULL: the legacy default stream); ignored on CPU.
  * --------------------------------------------------------------------------------- */
 
 /* Zero t[i] for every i in batch_indices (int64, 1-D; NULL: all of t). Indices may be
  * negative (Python style); out-of-range indices fail before anything is written. */
-BASED_API based_status based_state_zero(DLTensor *t, const DLTensor *batch_indices);
+BASED_API based_status based_state_zero(DLTensor *t, const DLTensor *batch_indices, void *stream);
 
 /* dst[...] = src[...]: same shape, any strides; dst must not overlap itself nor share
  * memory with src. Float dtypes convert (round to nearest even); int64 copies to int64. */
-BASED_API based_status based_state_copy(DLTensor *dst, const DLTensor *src);
+BASED_API based_status based_state_copy(DLTensor *dst, const DLTensor *src, void *stream);
 
 /* dst[i] = src[indices[i]] along axis 0 (beam-search reordering). dst may be src
  * (reordering in place) when dst.shape[0] == len(indices). */
-BASED_API based_status based_state_gather(DLTensor *dst, const DLTensor *src, const DLTensor *indices);
+BASED_API based_status based_state_gather(DLTensor *dst, const DLTensor *src, const DLTensor *indices,
+                                          void *stream);
 
 #ifdef __cplusplus
 }

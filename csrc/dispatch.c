@@ -14,14 +14,16 @@
 #include "internal.h"
 #include "ops.h"
 
-#ifdef BASED_WITH_CUDA
 #include "../kernels/based_cuda.h"
-/* The CUDA function of an op, or, in a build without it, the NOT_IMPLEMENTED of no_cuda(). */
+
+/* ON_CUDA(call, ...): the CUDA function of an op, or, in a build without it, the
+ * NOT_IMPLEMENTED of no_cuda() (call is then compiled, for its types, but neither run nor
+ * linked). `name` is the op's first tensor on CUDA, for the message. */
+#ifdef BASED_WITH_CUDA
 #define ON_CUDA(call, op, name, device) ((void)(op), (void)(name), (call))
 #else
-#define ON_CUDA(call, op, name, device) no_cuda(op, name, device)
+#define ON_CUDA(call, op, name, device) ((void)sizeof(call), no_cuda(op, name, device))
 
-/* `name` (the op's first tensor on CUDA) names the device in the message. */
 static based_status no_cuda(const char *op, const char *name, based_device device) {
     return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
                       "%s: %s is on cuda:%d, and this build of based has no CUDA kernel for %s (it was built without "
@@ -38,12 +40,13 @@ static based_status ref_on_cuda(const char *op, const char *name, based_device d
 
 /* ---- taylor_feature_map -------------------------------------------------------------- */
 
-based_status based_taylor_feature_map(const DLTensor *x, DLTensor *out, double scale) {
+based_status based_taylor_feature_map(const DLTensor *x, DLTensor *out, double scale, void *stream) {
     static const char op[] = "taylor_feature_map";
     based_feature_map_args a;
     BASED_TRY(based_taylor_feature_map_check(&a, x, out, scale));
-    return a.device.kind == BASED_DEVICE_CUDA ? ON_CUDA(based_cuda_taylor_feature_map(&a, NULL), op, "x", a.device)
-                                              : based_cpu_taylor_feature_map(&a);
+    return a.device.kind == BASED_DEVICE_CUDA
+               ? ON_CUDA(based_cuda_taylor_feature_map(&a, (cudaStream_t)stream), op, "x", a.device)
+               : based_cpu_taylor_feature_map(&a);
 }
 
 /* ---- linear_attention ---------------------------------------------------------------- */
@@ -93,21 +96,23 @@ based_status based_linear_attention_decode_ref(const DLTensor *q, const DLTensor
 /* ---- linear_state -------------------------------------------------------------------- */
 
 based_status based_linear_state_to_expanded(const DLTensor *kv, const DLTensor *ksum, DLTensor *kv_exp,
-                                            DLTensor *ksum_exp) {
+                                            DLTensor *ksum_exp, void *stream) {
     static const char op[] = "linear_state_to_expanded";
     based_linear_state_args a;
     BASED_TRY(based_linear_state_check(&a, kv, ksum, kv_exp, ksum_exp, 0, op));
-    return a.device.kind == BASED_DEVICE_CUDA ? ON_CUDA(based_cuda_linear_state_convert(&a, NULL), op, "kv", a.device)
-                                              : based_cpu_linear_state_convert(&a);
+    return a.device.kind == BASED_DEVICE_CUDA
+               ? ON_CUDA(based_cuda_linear_state_convert(&a, (cudaStream_t)stream), op, "kv", a.device)
+               : based_cpu_linear_state_convert(&a);
 }
 
 based_status based_linear_state_from_expanded(const DLTensor *kv_exp, const DLTensor *ksum_exp, DLTensor *kv,
-                                              DLTensor *ksum) {
+                                              DLTensor *ksum, void *stream) {
     static const char op[] = "linear_state_from_expanded";
     based_linear_state_args a;
     BASED_TRY(based_linear_state_check(&a, kv, ksum, kv_exp, ksum_exp, 1, op));
-    return a.device.kind == BASED_DEVICE_CUDA ? ON_CUDA(based_cuda_linear_state_convert(&a, NULL), op, "kv", a.device)
-                                              : based_cpu_linear_state_convert(&a);
+    return a.device.kind == BASED_DEVICE_CUDA
+               ? ON_CUDA(based_cuda_linear_state_convert(&a, (cudaStream_t)stream), op, "kv", a.device)
+               : based_cpu_linear_state_convert(&a);
 }
 
 /* ---- sliding_window ------------------------------------------------------------------ */
@@ -164,35 +169,38 @@ static const char *cuda_side(const based_state_args *a, based_device *device) {
     return dst ? "dst" : "src";
 }
 
-based_status based_state_zero(DLTensor *t, const DLTensor *batch_indices) {
+based_status based_state_zero(DLTensor *t, const DLTensor *batch_indices, void *stream) {
     based_state_args a;
     BASED_TRY(based_state_zero_check(&a, t, batch_indices));
+    const cudaStream_t s = (cudaStream_t)stream;
     const based_status st = a.dst.device.kind == BASED_DEVICE_CUDA
-                                ? ON_CUDA(based_cuda_state_zero(&a, NULL), "reset", "state", a.dst.device)
+                                ? ON_CUDA(based_cuda_state_zero(&a, s), "reset", "state", a.dst.device)
                                 : based_cpu_state_zero(&a);
     based_state_args_free(&a);
     return st;
 }
 
-based_status based_state_copy(DLTensor *dst, const DLTensor *src) {
+based_status based_state_copy(DLTensor *dst, const DLTensor *src, void *stream) {
     based_state_args a;
     BASED_TRY(based_state_copy_check(&a, dst, src));
     based_device device;
     const char *name = cuda_side(&a, &device);
+    const cudaStream_t s = (cudaStream_t)stream;
     const based_status st = device.kind == BASED_DEVICE_CUDA
-                                ? ON_CUDA(based_cuda_state_copy(&a, NULL), "copy_", name, device)
+                                ? ON_CUDA(based_cuda_state_copy(&a, s), "copy_", name, device)
                                 : based_cpu_state_copy(&a);
     based_state_args_free(&a);
     return st;
 }
 
-based_status based_state_gather(DLTensor *dst, const DLTensor *src, const DLTensor *indices) {
+based_status based_state_gather(DLTensor *dst, const DLTensor *src, const DLTensor *indices, void *stream) {
     based_state_args a;
     BASED_TRY(based_state_gather_check(&a, dst, src, indices));
     based_device device;
     const char *name = cuda_side(&a, &device);
+    const cudaStream_t s = (cudaStream_t)stream;
     const based_status st = device.kind == BASED_DEVICE_CUDA
-                                ? ON_CUDA(based_cuda_state_gather(&a, NULL), "index_select", name, device)
+                                ? ON_CUDA(based_cuda_state_gather(&a, s), "index_select", name, device)
                                 : based_cpu_state_gather(&a);
     based_state_args_free(&a);
     return st;

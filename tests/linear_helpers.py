@@ -77,9 +77,9 @@ def state_arrays(b, h, dk, dv, dtype: str, lib: str, kv0=None, ksum0=None, token
 def call(fn, q, k, v, kv, ksum, tokens, out, *, scale, normalize=True, eps=1e-6, chunk=0):
     """fn is one of _C.linear_attention_{prefill,decode}[_ref]; decode takes no chunk."""
     if fn in (_C.linear_attention_prefill, _C.linear_attention_prefill_ref):
-        fn(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, chunk)
+        fn(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, chunk, None)
     else:
-        fn(q, k, v, kv, ksum, tokens, out, scale, normalize, eps)
+        fn(q, k, v, kv, ksum, tokens, out, scale, normalize, eps, None)
 
 
 def output_bound(q64, k64, v64, out_dtype, *, scale, normalize, eps=1e-6, kv0=None, ksum0=None,

@@ -148,7 +148,7 @@ def test_unsupported_dtypes_named(code, bits, lanes, what):
         based.taylor_feature_map(p)
     # the C core names code and bits itself when reached directly
     with pytest.raises(TypeError, match=r"x has an unsupported dtype \("):
-        based._C.taylor_feature_map(p, np.zeros((2, 15), np.float32), 1.0)
+        based._C.taylor_feature_map(p, np.zeros((2, 15), np.float32), 1.0, None)
     gc.collect()
     assert p.deleted == p.exported
 
@@ -174,15 +174,56 @@ def test_used_capsule_is_refused():
 
     r = Replay()
     out = np.zeros((2, 10), np.float32)
-    based._C.taylor_feature_map(r, out, 1.0)           # first use consumes the capsule
+    based._C.taylor_feature_map(r, out, 1.0, None)     # first use consumes the capsule
     with pytest.raises(TypeError, match="already consumed"):
-        based._C.taylor_feature_map(r, out, 1.0)
+        based._C.taylor_feature_map(r, out, 1.0, None)
 
 
 def test_not_an_array():
     for bad in ([1.0, 2.0], None, "x", 3.0):
         with pytest.raises(TypeError, match="x must be an array implementing the DLPack protocol"):
             based.taylor_feature_map(bad)
+
+
+class StreamRecorder(RawProducer):
+    """A RawProducer that records the stream each __dlpack__ call asks it to export for."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.streams = []
+
+    def __dlpack__(self, *, stream=None, **kw):
+        self.streams.append(stream)
+        return super().__dlpack__(stream=stream, **kw)
+
+
+def test_the_op_stream_reaches_cuda_producers_only():
+    """Every op binding takes a trailing stream, handed to the __dlpack__ of CUDA producers (the
+    DLPack handshake: they order their pending work before it) and to the C call."""
+    x, out = (StreamRecorder(np.zeros(s), device=(2, 0)) for s in ((3, 4), (3, 15)))
+    with pytest.raises(TypeError, match=r"x is float64 on cuda:0"):  # refused in the checks, before any kernel
+        based._C.taylor_feature_map(x, out, 0.5, 7)
+    assert x.streams == [7] and out.streams == [7]
+    hx, hout = StreamRecorder(np.ones((3, 4), np.float32)), StreamRecorder(np.zeros((3, 15), np.float32))
+    based._C.taylor_feature_map(hx, hout, 0.5, 2)      # CPU tensors: exported without one, run on the CPU
+    assert hx.streams == [None] and hout.streams == [None] and np.all(hout.array[:, 0] == 1)
+
+
+@pytest.mark.parametrize("stream, exc, message", [
+    ("0", TypeError, r"stream must be None or an int \(a cudaStream_t as DLPack passes it: 1 for the legacy default "
+                     r"stream, 2 for the per-thread default stream\), got str"),
+    (True, TypeError, r"stream must be None or an int .*got bool"),
+    (-1, ValueError, r"stream must be None or a cudaStream_t handle, an int from 0 to 2\*\*64 - 1, got -1"),
+    (-2**70, ValueError, r"stream must be None or a cudaStream_t handle, an int from 0 to 2\*\*64 - 1, got -1180"),
+    (2**70, ValueError, r"stream must be None or a cudaStream_t handle, an int from 0 to 2\*\*64 - 1, got 1180"),
+])
+def test_the_op_stream_is_checked(stream, exc, message):
+    out = np.full((3, 15), 7.0, np.float32)
+    with pytest.raises(exc, match=message):
+        based._C.taylor_feature_map(np.zeros((3, 4), np.float32), out, 0.5, stream)
+    with pytest.raises(exc, match=message):
+        based._C.state_zero(out, None, stream)
+    assert np.all(out == 7)
 
 
 def test_producer_memory_alive_for_the_whole_call():
@@ -451,7 +492,7 @@ def test_torch_exchange_api_fast_path_is_zero_copy_and_counted():
     ptr = out.data_ptr()
     torch.Tensor.__dlpack__ = spy
     try:
-        based._C.taylor_feature_map(x, out, 0.5)
+        based._C.taylor_feature_map(x, out, 0.5, None)
     finally:
         torch.Tensor.__dlpack__ = orig
     assert not called and out.data_ptr() == ptr
@@ -459,7 +500,7 @@ def test_torch_exchange_api_fast_path_is_zero_copy_and_counted():
     if hasattr(x, "_use_count"):                                 # C++ references to x's TensorImpl
         before = x._use_count()
         for _ in range(1000):
-            based._C.taylor_feature_map(x, out, 0.5)
+            based._C.taylor_feature_map(x, out, 0.5, None)
         assert x._use_count() == before                           # every managed tensor was deleted
 
 
@@ -474,23 +515,23 @@ def test_torch_subclass_overriding_dlpack_is_respected():
         pass
 
     with pytest.raises(TypeError, match="this tensor may not be exported"):
-        based._C.taylor_feature_map(torch.randn(2, 3).as_subclass(Guarded), torch.zeros(2, 10), 0.5)
+        based._C.taylor_feature_map(torch.randn(2, 3).as_subclass(Guarded), torch.zeros(2, 10), 0.5, None)
     out = torch.zeros(2, 10)
-    based._C.taylor_feature_map(torch.ones(2, 3).as_subclass(Plain), out, 0.5)
+    based._C.taylor_feature_map(torch.ones(2, 3).as_subclass(Plain), out, 0.5, None)
     assert out[0, 0].item() == 1.0
 
 
 def test_state_copy_between_differently_strided_views_of_one_buffer_is_refused():
     x = np.arange(16, dtype=np.float32).reshape(1, 4, 4)
     with pytest.raises(ValueError, match="dst and src share memory"):
-        _C.state_copy(x, x.transpose(0, 2, 1))
+        _C.state_copy(x, x.transpose(0, 2, 1), None)
     assert np.array_equal(x, np.arange(16, dtype=np.float32).reshape(1, 4, 4))
-    _C.state_copy(x, x)                                     # the very same tensor: a no-op
+    _C.state_copy(x, x, None)                               # the very same tensor: a no-op
 
 
 def test_int64_arguments_name_int64_when_given_another_dtype():
     with pytest.raises(TypeError, match=r"int64 for token counts and batch indices"):
-        _C.state_zero(np.zeros((2, 3), np.float32), np.array([0], np.int32))
+        _C.state_zero(np.zeros((2, 3), np.float32), np.array([0], np.int32), None)
 
 
 @pytest.mark.skipif(not based.cuda_available(), reason="needs a CUDA build of based and a GPU")

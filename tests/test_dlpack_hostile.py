@@ -48,13 +48,14 @@ def _linear_args(q=None, k=None, kv=None):
     F = 1 + Dk + Dk * (Dk + 1) // 2
     return [q if q is not None else _q((B, T, H, Dk)), k if k is not None else _q((B, T, H, Dk)),
             _q((B, T, H, Dv)), kv if kv is not None else np.zeros((B, H, F, Dv)), np.zeros((B, H, F)),
-            np.zeros(B, np.int64), np.zeros((B, T, H, Dv)), 0.5, True, 1e-6, 0]
+            np.zeros(B, np.int64), np.zeros((B, T, H, Dv)), 0.5, True, 1e-6, 0, None]
 
 
 def _window_args(q=None, k=None):
     B, T, H, D, W = 1, 2, 1, 4, 3
     return [q if q is not None else _q((B, T, H, D)), k if k is not None else _q((B, T, H, D)), _q((B, T, H, D)),
-            np.zeros((B, H, W, D)), np.zeros((B, H, W, D)), np.zeros(B, np.int64), np.zeros((B, T, H, D)), W, 0.5]
+            np.zeros((B, H, W, D)), np.zeros((B, H, W, D)), np.zeros(B, np.int64), np.zeros((B, T, H, D)), W, 0.5,
+            None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -103,9 +104,9 @@ def test_huge_ndim_or_null_shape_at_a_guard_page_is_refused_before_any_read():
             ("info-null", lambda: _C.dlpack_info(RawProducer(x, shape="null"), "q")),
             ("api-1000", lambda: based.taylor_feature_map(RawProducer(x, guard=True, ndim=1000))),
             ("op-1000", lambda: _C.taylor_feature_map(RawProducer(x, guard=True, ndim=1000),
-                                                      np.zeros((2, 10)), 1.0)),
+                                                      np.zeros((2, 10)), 1.0, None)),
             ("op-null", lambda: _C.taylor_feature_map(np.ones((2, 3)), RawProducer(np.zeros((2, 10)),
-                                                      shape="null"), 1.0)),
+                                                      shape="null"), 1.0, None)),
         ]
     """)
     assert got["control"] == "((2, 3), 'float64', (1, 0), False)"   # the guard itself is not in the way
@@ -157,7 +158,7 @@ def test_data_plus_byte_offset_must_not_wrap_around_the_address_space():
     with pytest.raises(ValueError, match=r"^x: data \+ byte_offset .* wraps around the address space$"):
         based.taylor_feature_map(p)
     with pytest.raises(ValueError, match=r"^x: data \+ byte_offset"):
-        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0)
+        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0, None)
     assert _freed(p)
 
 
@@ -168,9 +169,9 @@ def test_extent_must_not_wrap_around_the_address_space():
         cases = [
             ("info", lambda: _C.dlpack_info(RawProducer(np.ones((2, 3)), data=2**64 - 16), "x")),
             ("read", lambda: _C.taylor_feature_map(RawProducer(np.ones((2, 3)), data=2**64 - 16),
-                                                   np.zeros((2, 10)), 1.0)),
+                                                   np.zeros((2, 10)), 1.0, None)),
             ("write", lambda: _C.taylor_feature_map(np.ones((2, 3)), RawProducer(np.zeros((2, 10)),
-                                                    data=2**64 - 64), 1.0)),
+                                                    data=2**64 - 64), 1.0, None)),
         ]
     """)
     want = "ValueError: {}: its elements span {} bytes from data + byte_offset = 0x{:x}, which wraps around " \
@@ -219,7 +220,7 @@ def test_malformed_or_vector_dtypes_are_type_errors_naming_the_argument(code, bi
     with pytest.raises(TypeError, match=message):
         based.taylor_feature_map(p)
     with pytest.raises(TypeError, match=message):
-        _C.taylor_feature_map(p, np.zeros((2, 10), np.float32), 1.0)
+        _C.taylor_feature_map(p, np.zeros((2, 10), np.float32), 1.0, None)
     assert _freed(p)
 
 
@@ -252,11 +253,12 @@ def test_error_in_a_later_argument_survives_releasing_the_earlier_ones(case, on_
     first = RawProducer(np.ones((2, 3)), on_delete=on_delete)
     others = []
     if case == "list-as-out":
-        call, exc, msg = lambda: _C.taylor_feature_map(first, [1.0, 2.0], 1.0), TypeError, r"^out must be an array"
+        call, exc, msg = (lambda: _C.taylor_feature_map(first, [1.0, 2.0], 1.0, None), TypeError,
+                          r"^out must be an array")
     elif case == "readonly-out":
         ro = RawProducer(np.zeros((2, 10)), readonly=True, on_delete=on_delete)
         others.append(ro)
-        call, exc, msg = lambda: _C.taylor_feature_map(first, ro, 1.0), ValueError, r"^out is read-only"
+        call, exc, msg = lambda: _C.taylor_feature_map(first, ro, 1.0, None), ValueError, r"^out is read-only"
     elif case == "list-as-k":
         first = RawProducer(_q((1, 2, 1, 2)), on_delete=on_delete)
         args = _linear_args(q=first, k=[[1.0]])
@@ -269,7 +271,8 @@ def test_error_in_a_later_argument_survives_releasing_the_earlier_ones(case, on_
         first = RawProducer(np.zeros((2, 3)), on_delete=on_delete)
         src = RawProducer(np.zeros((2, 3)), on_delete=on_delete)
         others.append(src)
-        call, exc, msg = lambda: _C.state_gather(first, src, [0, 1]), TypeError, r"^batch_indices must be an array"
+        call, exc, msg = (lambda: _C.state_gather(first, src, [0, 1], None), TypeError,
+                          r"^batch_indices must be an array")
     for _ in range(3):
         with pytest.raises(exc, match=msg):
             call()
@@ -281,13 +284,13 @@ def test_a_deleter_that_calls_based_does_not_replace_the_error_message():
     which fails (and catches it) overwrote it before the error was raised."""
     def clobber():
         try:
-            _C.taylor_feature_map(np.ones((2, 3), np.int64), np.zeros((2, 10)), 1.0)
+            _C.taylor_feature_map(np.ones((2, 3), np.int64), np.zeros((2, 10)), 1.0, None)
         except TypeError as e:
             assert str(e).startswith("x must have dtype")
 
     p = RawProducer(np.ones((2, 3)), on_delete=clobber)
     with pytest.raises(ValueError, match=r"^out must have shape"):
-        _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0)
+        _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0, None)
     assert _freed(p)
 
 
@@ -302,11 +305,11 @@ def test_a_deleter_that_leaves_an_exception_set_is_reported_as_unraisable(monkey
     nomem = ctypes.cast(ctypes.pythonapi.PyErr_NoMemory, ctypes.c_void_p).value
     x = np.ones((2, 3))
     out = np.zeros((2, 10))
-    assert _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), out, 1.0) is None
+    assert _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), out, 1.0, None) is None
     np.testing.assert_allclose(out, ref.taylor_feature_map(x, 1.0), rtol=1e-12)
     assert seen == [MemoryError]
     with pytest.raises(TypeError, match="^out must be an array"):
-        _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), [1.0], 1.0)
+        _C.taylor_feature_map(RawProducer(x, c_deleter=nomem), [1.0], 1.0, None)
     assert seen == [MemoryError, MemoryError]
 
 
@@ -315,7 +318,7 @@ def test_a_capsule_destructor_running_python_keeps_the_refusal():
     the refusal (TypeError naming the argument) stands."""
     p = RawProducer(np.ones((2, 3)), major=2, on_delete=_python_work)
     with pytest.raises(TypeError, match=r"^x was exported with DLPack 2.0"):
-        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0)
+        _C.taylor_feature_map(p, np.zeros((2, 10)), 1.0, None)
     assert _freed(p)
 
 
@@ -327,9 +330,9 @@ def test_exchange_api_fast_path_releases_once_under_a_pending_error():
     before = x._use_count() if hasattr(x, "_use_count") else None
     for _ in range(100):
         with pytest.raises(TypeError, match="^out must be an array"):
-            _C.taylor_feature_map(x, [1.0], 1.0)
+            _C.taylor_feature_map(x, [1.0], 1.0, None)
         with pytest.raises(ValueError, match="^out must have shape"):
-            _C.taylor_feature_map(x, torch.zeros(2, 9, dtype=torch.float64), 1.0)
+            _C.taylor_feature_map(x, torch.zeros(2, 9, dtype=torch.float64), 1.0, None)
     if before is not None:
         assert x._use_count() == before
 
@@ -372,7 +375,7 @@ def test_missing_dlpack_device_names_the_argument():
     with pytest.raises(TypeError, match=r"^x has __dlpack__ but no __dlpack_device__"):
         based.taylor_feature_map(NoDevice())
     with pytest.raises(TypeError, match=r"^out has __dlpack__ but no __dlpack_device__"):
-        _C.taylor_feature_map(np.ones((2, 3)), NoDevice(), 1.0)
+        _C.taylor_feature_map(np.ones((2, 3)), NoDevice(), 1.0, None)
 
 
 def test_dlpack_info_takes_the_name_and_checks_it():

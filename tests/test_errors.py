@@ -54,7 +54,7 @@ def test_out_overlapping_x_or_itself(x):
     assert np.all(buf[12:] == 0)
     overlapping = np.lib.stride_tricks.as_strided(np.zeros(20, np.float32), (3, 15), (4, 4))
     with pytest.raises(ValueError, match="out has overlapping memory"):
-        based._C.taylor_feature_map(x, overlapping, 0.5)
+        based._C.taylor_feature_map(x, overlapping, 0.5, None)
 
 
 def test_bad_shapes_of_x():
@@ -63,7 +63,7 @@ def test_bad_shapes_of_x():
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., Dk\) with Dk >= 1, got \(\)"):
         based.taylor_feature_map(np.zeros((), np.float32))
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):
-        based._C.taylor_feature_map(np.zeros((), np.float32), np.zeros((), np.float32), 1.0)
+        based._C.taylor_feature_map(np.zeros((), np.float32), np.zeros((), np.float32), 1.0, None)
 
 
 def test_bad_dtypes_of_x():
@@ -74,57 +74,57 @@ def test_bad_dtypes_of_x():
 
 
 def test_fastcall_argument_errors():
-    with pytest.raises(TypeError, match=r"taylor_feature_map\(\) takes 3 positional arguments, got 2"):
+    with pytest.raises(TypeError, match=r"taylor_feature_map\(\) takes 4 positional arguments, got 2"):
         based._C.taylor_feature_map(np.zeros(3), np.zeros(10))
 
 
 def test_state_helper_errors():
     t = np.ones((3, 4), np.float32)
     with pytest.raises(ValueError, match="batch index 3 is out of range for batch size 3"):
-        _C.state_zero(t, np.array([0, 3]))
+        _C.state_zero(t, np.array([0, 3]), None)
     assert np.all(t == 1)                          # nothing zeroed: checked before writing
     with pytest.raises(TypeError, match="batch_indices must have dtype int64, got float32"):
-        _C.state_zero(t, np.array([0.0], np.float32))
+        _C.state_zero(t, np.array([0.0], np.float32), None)
     with pytest.raises(ValueError, match=r"batch_indices must be 1-D"):
-        _C.state_zero(t, np.zeros((1, 1), np.int64))
+        _C.state_zero(t, np.zeros((1, 1), np.int64), None)
     with pytest.raises(ValueError, match=r"copy_: src has shape \(3, 5\), which does not match dst \(3, 4\)"):
-        _C.state_copy(t, np.zeros((3, 5), np.float32))
+        _C.state_copy(t, np.zeros((3, 5), np.float32), None)
     with pytest.raises(TypeError, match=r"src must have the dtype of dst \(float32\), got int64"):
-        _C.state_copy(t, np.zeros((3, 4), np.int64))
+        _C.state_copy(t, np.zeros((3, 4), np.int64), None)
     with pytest.raises(TypeError, match=r"src must have the dtype of dst \(float32\), got float64"):
-        _C.state_gather(t, np.zeros((3, 4)), np.array([0, 1, 2]))
+        _C.state_gather(t, np.zeros((3, 4)), np.array([0, 1, 2]), None)
     with pytest.raises(ValueError, match="index_select: 2 batch indices given for a destination of batch size 3"):
-        _C.state_gather(t, t.copy(), np.array([0, 1]))
+        _C.state_gather(t, t.copy(), np.array([0, 1]), None)
     assert np.all(t == 1)
 
 
 def test_state_helpers_work():
     t = np.arange(24, dtype=np.float32).reshape(4, 3, 2)
     orig = t.copy()
-    _C.state_zero(t, np.array([1, -1]))
+    _C.state_zero(t, np.array([1, -1]), None)
     assert np.all(t[[1, 3]] == 0) and np.all(t[[0, 2]] == orig[[0, 2]])
     src = orig.transpose(0, 2, 1).copy().transpose(0, 2, 1)   # same values, other strides
-    _C.state_copy(t, src)
+    _C.state_copy(t, src, None)
     np.testing.assert_array_equal(t, orig)
-    _C.state_gather(t, t, np.array([3, 3, 0, 1]))              # in place, with repeats
+    _C.state_gather(t, t, np.array([3, 3, 0, 1]), None)        # in place, with repeats
     np.testing.assert_array_equal(t, orig[[3, 3, 0, 1]])
     small = np.zeros((2, 3, 2), np.float32)
-    _C.state_gather(small, orig, np.array([2, 0]))
+    _C.state_gather(small, orig, np.array([2, 0]), None)
     np.testing.assert_array_equal(small, orig[[2, 0]])
-    _C.state_zero(t, None)
+    _C.state_zero(t, None, None)
     assert not t.any()
     half = np.empty((4, 3, 2), np.float16)
-    _C.state_copy(half, orig)                                  # float32 -> float16, rounded
+    _C.state_copy(half, orig, None)                            # float32 -> float16, rounded
     np.testing.assert_array_equal(half, orig.astype(np.float16))
 
 
 @requires_torch
 def test_state_helpers_bfloat16_and_int64():
     t = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
-    _C.state_gather(t, t, np.array([2, 1, 0]))
+    _C.state_gather(t, t, np.array([2, 1, 0]), None)
     assert t[0, 0].item() == 8.0
     n = torch.arange(3)
-    _C.state_zero(n, np.array([1]))
+    _C.state_zero(n, np.array([1]), None)
     assert n.tolist() == [0, 0, 2]
 
 
@@ -168,23 +168,24 @@ def cuda_calls(tokens0=0):
     c = on_cuda
 
     def lin(fn, sl, *extra):
-        return lambda: fn(c(q[sl]), c(k[sl]), c(v[sl]), c(kv), c(ksum), c(tokens), c(out[sl]), 0.5, True, 1e-6, *extra)
+        return lambda: fn(c(q[sl]), c(k[sl]), c(v[sl]), c(kv), c(ksum), c(tokens), c(out[sl]), 0.5, True, 1e-6, *extra,
+                          None)
 
     def win(fn, sl):
-        return lambda: fn(c(wq[sl]), c(k[sl]), c(wv[sl]), c(kc), c(vc), c(tokens), c(wo[sl]), w, 0.5)
+        return lambda: fn(c(wq[sl]), c(k[sl]), c(wv[sl]), c(kc), c(vc), c(tokens), c(wo[sl]), w, 0.5, None)
 
     every = (q, k, v, out, kv, ksum, tokens, kv_e, ksum_e, kc, vc, x, phi, wq, wv, wo)
     return every, [
-        ("taylor_feature_map", lambda: _C.taylor_feature_map(c(x), c(phi), 0.5)),
+        ("taylor_feature_map", lambda: _C.taylor_feature_map(c(x), c(phi), 0.5, None)),
         ("linear_attention_prefill", lin(_C.linear_attention_prefill, np.s_[:], 0)),
         ("linear_attention_decode", lin(_C.linear_attention_decode, np.s_[:, 0])),
-        ("linear_state_to_expanded", lambda: _C.linear_state_to_expanded(c(kv), c(ksum), c(kv_e), c(ksum_e))),
-        ("linear_state_from_expanded", lambda: _C.linear_state_from_expanded(c(kv_e), c(ksum_e), c(kv), c(ksum))),
+        ("linear_state_to_expanded", lambda: _C.linear_state_to_expanded(c(kv), c(ksum), c(kv_e), c(ksum_e), None)),
+        ("linear_state_from_expanded", lambda: _C.linear_state_from_expanded(c(kv_e), c(ksum_e), c(kv), c(ksum), None)),
         ("sliding_window_prefill", win(_C.sliding_window_prefill, np.s_[:])),
         ("sliding_window_decode", win(_C.sliding_window_decode, np.s_[:, 0])),
-        ("reset", lambda: _C.state_zero(c(kv), np.array([1]))),
-        ("copy_", lambda: _C.state_copy(c(kv), kv_e[:, :, :f].copy())),
-        ("index_select", lambda: _C.state_gather(c(kv), c(kv_e[:, :, :f].copy()), np.array([1, 0]))),
+        ("reset", lambda: _C.state_zero(c(kv), np.array([1]), None)),
+        ("copy_", lambda: _C.state_copy(c(kv), kv_e[:, :, :f].copy(), None)),
+        ("index_select", lambda: _C.state_gather(c(kv), c(kv_e[:, :, :f].copy()), np.array([1, 0]), None)),
     ]
 
 
@@ -213,11 +214,11 @@ def test_cuda_reference_twins_refuse_cuda_tensors():
     c = on_cuda
     with pytest.raises(NotImplementedError, match=r"linear_attention_prefill_ref: q is on cuda:0; the reference twins "
                                                   r"run on the CPU, so pass CPU tensors"):
-        _C.linear_attention_prefill_ref(c(q), c(k), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0)
+        _C.linear_attention_prefill_ref(c(q), c(k), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0, None)
     kc = np.zeros((1, 1, 3, 4), np.float32)
     with pytest.raises(NotImplementedError, match=r"sliding_window_decode_ref: q is on cuda:0; the reference twins"):
         _C.sliding_window_decode_ref(c(q[:, 0]), c(k[:, 0]), c(v[:, 0]), c(kc), c(kc.copy()), c(tok), c(out[:, 0]), 3,
-                                     0.5)
+                                     0.5, None)
     assert np.all(out == 7)
 
 
@@ -225,16 +226,16 @@ def test_cuda_refuses_float64_with_one_message_in_every_build():
     x, phi = np.zeros((3, 4)), np.full((3, 15), 7.0)
     with pytest.raises(TypeError, match=r"^taylor_feature_map: x is float64 on cuda:0; the CUDA kernels compute in "
                                         r"float32, float16 and bfloat16$"):
-        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5)
+        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5, None)
     q, v, out = np.zeros((2, 3, 1, 4)), np.zeros((2, 3, 1, 4)), np.full((2, 3, 1, 4), 7.0)
     kv, ksum, tok = np.zeros((2, 1, 15, 4), np.float32), np.zeros((2, 1, 15), np.float32), np.zeros(2, np.int64)
     c = on_cuda
     with pytest.raises(TypeError, match=r"^linear_attention_prefill: q is float64 on cuda:0; the CUDA kernels"):
-        _C.linear_attention_prefill(c(q), c(q), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0)
+        _C.linear_attention_prefill(c(q), c(q), c(v), c(kv), c(ksum), c(tok), c(out), 0.5, True, 1e-6, 0, None)
     with pytest.raises(TypeError, match=r"^linear_attention_decode: state.kv is float64 on cuda:0"):
         _C.linear_attention_decode(c(q[:, 0].astype(np.float32)), c(q[:, 0].astype(np.float32)),
                                    c(v[:, 0].astype(np.float32)), c(kv.astype(np.float64)), c(ksum.astype(np.float64)),
-                                   c(tok), c(out[:, 0].astype(np.float32)), 0.5, True, 1e-6)
+                                   c(tok), c(out[:, 0].astype(np.float32)), 0.5, True, 1e-6, None)
     assert np.all(phi == 7) and np.all(out == 7)
 
 
@@ -242,14 +243,14 @@ def test_cuda_needs_unit_stride_along_rows():
     x, phi = np.zeros((3, 8), np.float32)[:, ::2], np.full((3, 15), 7.0, np.float32)
     with pytest.raises(ValueError, match=r"^taylor_feature_map: on CUDA, x must have unit stride along its last dim "
                                          r"\(of size 4\), got stride 2; pass \.contiguous\(\)$"):
-        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5)
+        _C.taylor_feature_map(on_cuda(x), on_cuda(phi), 0.5, None)
     q = np.zeros((2, 1, 4), np.float32)
     kc = np.zeros((2, 1, 3, 8), np.float32)[..., ::2]
     out, tok = np.full((2, 1, 4), 7.0, np.float32), np.zeros(2, np.int64)
     c = on_cuda
     with pytest.raises(ValueError, match=r"^sliding_window_decode: on CUDA, k_cache must have unit stride along its "
                                          r"last dim \(of size 4\), got stride 2; pass \.contiguous\(\)$"):
-        _C.sliding_window_decode(c(q), c(q), c(q), c(kc), c(kc.copy()), c(tok), c(out), 3, 0.5)
+        _C.sliding_window_decode(c(q), c(q), c(q), c(kc), c(kc.copy()), c(tok), c(out), 3, 0.5, None)
     # the CPU kernels take any strides
-    _C.taylor_feature_map(np.zeros((3, 8), np.float32)[:, ::2], phi, 0.5)
+    _C.taylor_feature_map(np.zeros((3, 8), np.float32)[:, ::2], phi, 0.5, None)
     assert np.all(out == 7)

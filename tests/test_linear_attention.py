@@ -598,9 +598,9 @@ for dtype in ("float32", "float64"):
     v = rng.standard_normal((b, t + 1, h, dv)).astype(dtype)
     kv, ks, tok = np.zeros((b, h, f, dv), dtype), np.zeros((b, h, f), dtype), np.zeros(b, np.int64)
     out, out1 = np.full((b, t, h, dv), np.nan, dtype), np.full((b, h, dv), np.nan, dtype)
-    _C.linear_attention_prefill(q[:, :t], k[:, :t], v[:, :t], kv, ks, tok, out, 0.5, True, 1e-6, 16)
+    _C.linear_attention_prefill(q[:, :t], k[:, :t], v[:, :t], kv, ks, tok, out, 0.5, True, 1e-6, 16, None)
     res[dtype + "_prefill_kv"] = kv.copy()
-    _C.linear_attention_decode(q[:, t], k[:, t], v[:, t], kv, ks, tok, out1, 0.5, True, 1e-6)
+    _C.linear_attention_decode(q[:, t], k[:, t], v[:, t], kv, ks, tok, out1, 0.5, True, 1e-6, None)
     res.update({dtype + "_out": np.concatenate([out, out1[:, None]], 1), dtype + "_kv": kv, dtype + "_ksum": ks,
                 dtype + "_tokens": tok})
 np.savez(sys.argv[1], **res)

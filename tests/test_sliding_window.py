@@ -71,13 +71,13 @@ def new_cache(k, batch, kv_heads, window, head_dim, scale=None):
 def prefill(impl, q, k, v, cache, out=None):
     if out is None:
         out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
-    IMPLS[impl][0](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    IMPLS[impl][0](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out
 
 
 def decode(impl, q, k, v, cache):
     out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
-    IMPLS[impl][1](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale)
+    IMPLS[impl][1](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out
 
 
@@ -280,12 +280,12 @@ def test_strided_numpy_inputs_out_and_cache():
     kc = np.zeros((B, W, 2, D)).transpose(0, 2, 1, 3)
     vc = np.zeros((B, 2, W, 2 * D))[..., ::2]
     tokens = np.zeros(2 * B, np.int64)[::2]
-    _C.sliding_window_prefill(q, k, v, kc, vc, tokens, out, W, D**-0.5)
+    _C.sliding_window_prefill(q, k, v, kc, vc, tokens, out, W, D**-0.5, None)
     np.testing.assert_allclose(out, want, rtol=1e-13, atol=1e-13)
     assert np.isnan(big[..., 0::3]).all() and np.isnan(big[..., 2::3]).all(), "wrote outside the out view"
     assert tokens.tolist() == [T, T]
     o1 = poison(np.empty((B, H, D)))
-    _C.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], kc, vc, tokens, o1, W, D**-0.5)
+    _C.sliding_window_decode(q[:, 0], k[:, 0], v[:, 0], kc, vc, tokens, o1, W, D**-0.5, None)
     hist = np.concatenate([k[:, T - W + 1:], k[:, :1]], axis=1)
     vh = np.concatenate([v[:, T - W + 1:], v[:, :1]], axis=1)
     np.testing.assert_allclose(o1, ref.sliding_window_attention(q[:, :1], hist, vh, W, offset=W - 1)[:, 0],

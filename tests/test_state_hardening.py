@@ -224,9 +224,9 @@ def test_non_integer_indices_are_refused(make, indices):
 def test_c_core_checks_indices_of_an_empty_state():
     """The C API refuses a bad index even when there is nothing to zero."""
     with pytest.raises(ValueError, match="batch index 5 is out of range for batch size 0"):
-        _C.state_zero(np.zeros((0, 3), np.float32), np.array([5]))
+        _C.state_zero(np.zeros((0, 3), np.float32), np.array([5]), None)
     with pytest.raises(TypeError, match=r"batch_indices has an unsupported dtype \(uint, 64 bits"):
-        _C.state_zero(np.zeros((2, 3), np.float32), np.array([2**64 - 1], np.uint64))
+        _C.state_zero(np.zeros((2, 3), np.float32), np.array([2**64 - 1], np.uint64), None)
 
 
 # ---------------------------------------------------------------------------------------

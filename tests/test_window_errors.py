@@ -182,8 +182,8 @@ def test_inputs_that_require_grad():
 
 
 def raw_args(c):
-    """Arguments of the C binding, from the fixture (cache tensors as numpy arrays)."""
-    return [c.q, c.k, c.v, c.cache.k, c.cache.v, c.cache.tokens, c.kwargs["out"], W, c.cache.scale]
+    """Arguments of the C binding, from the fixture (cache tensors as numpy arrays; no stream)."""
+    return [c.q, c.k, c.v, c.cache.k, c.cache.v, c.cache.tokens, c.kwargs["out"], W, c.cache.scale, None]
 
 
 @pytest.mark.parametrize("op", ["sliding_window_prefill", "sliding_window_prefill_ref"])
@@ -224,7 +224,7 @@ def test_c_binding_errors(op, index, value, exc, message):
 
 
 def test_c_binding_argument_count():
-    with pytest.raises(TypeError, match=r"sliding_window_decode\(\) takes 9 positional arguments, got 2"):
+    with pytest.raises(TypeError, match=r"sliding_window_decode\(\) takes 10 positional arguments, got 2"):
         _C.sliding_window_decode(1, 2)
 
 

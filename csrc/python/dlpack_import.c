@@ -455,12 +455,12 @@ void based_py_release_all(based_py_tensor *ts, int n) {
 }
 
 int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
-                         unsigned written, unsigned optional, based_py_tensor *out) {
+                         unsigned written, unsigned optional, PyObject *stream, based_py_tensor *out) {
     for (int i = 0; i < n; i++) out[i] = (based_py_tensor)BASED_PY_TENSOR_INIT;
     for (int i = 0; i < n; i++) {
         int w = (written >> i) & 1u;
-        int rc = ((optional >> i) & 1u) ? based_py_import_optional(module, objs[i], names[i], w, Py_None, &out[i])
-                                        : based_py_import(module, objs[i], names[i], w, Py_None, &out[i]);
+        int rc = ((optional >> i) & 1u) ? based_py_import_optional(module, objs[i], names[i], w, stream, &out[i])
+                                        : based_py_import(module, objs[i], names[i], w, stream, &out[i]);
         if (rc < 0) {
             based_py_release_all(out, i); /* with the error about objs[i] pending: it survives */
             return -1;

@@ -37,6 +37,31 @@ int based_py_as_int64(PyObject *o, const char *name, int64_t *out) {
     return 0;
 }
 
+int based_py_as_stream(PyObject *o, void **out) {
+    *out = NULL;
+    if (o == Py_None) return 0;
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError,
+                     "stream must be None or an int (a cudaStream_t as DLPack passes it: 1 for the legacy default "
+                     "stream, 2 for the per-thread default stream), got %.200s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    int overflow;
+    const long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    void *p = overflow < 0 || (overflow == 0 && v < 0) ? NULL : PyLong_AsVoidPtr(o);
+    if (p == NULL && (PyErr_Occurred() || v != 0)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError,
+                     "stream must be None or a cudaStream_t handle, an int from 0 to 2**%d - 1, got %R",
+                     (int)(8 * sizeof(void *)), o);
+        return -1;
+    }
+    *out = p;
+    return 0;
+}
+
 int based_py_as_double(PyObject *o, const char *name, double *out) {
     if (PyBool_Check(o)) { /* an int subclass, but True is not a scale nor an eps */
         PyErr_Format(PyExc_TypeError, "%s must be a number, got bool", name);

@@ -5,56 +5,63 @@
  */
 #include "pybased.h"
 
-/* taylor_feature_map(x, out, scale) */
+/* taylor_feature_map(x, out, scale, stream) */
 static PyObject *py_taylor_feature_map(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     static const char *const names[2] = {"x", "out"};
     double scale;
+    void *stream;
     based_py_tensor t[2];
-    if (based_py_check_nargs("taylor_feature_map", nargs, 3) < 0 || based_py_as_double(args[2], "scale", &scale) < 0 ||
-        based_py_import_many(m, args, names, 2, 0x2u, 0u, t) < 0)
+    if (based_py_check_nargs("taylor_feature_map", nargs, 4) < 0 || based_py_as_double(args[2], "scale", &scale) < 0 ||
+        based_py_as_stream(args[3], &stream) < 0 || based_py_import_many(m, args, names, 2, 0x2u, 0u, args[3], t) < 0)
         return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = based_taylor_feature_map(t[0].tensor, t[1].tensor, scale);
+    st = based_taylor_feature_map(t[0].tensor, t[1].tensor, scale, stream);
     Py_END_ALLOW_THREADS
     return based_py_finish(st, t, 2);
 }
 
-/* state_zero(t, batch_indices_or_None) */
+/* state_zero(t, batch_indices_or_None, stream) */
 static PyObject *py_state_zero(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     static const char *const names[2] = {"state", "batch_indices"};
+    void *stream;
     based_py_tensor t[2];
-    if (based_py_check_nargs("state_zero", nargs, 2) < 0 || based_py_import_many(m, args, names, 2, 0x1u, 0x2u, t) < 0)
+    if (based_py_check_nargs("state_zero", nargs, 3) < 0 || based_py_as_stream(args[2], &stream) < 0 ||
+        based_py_import_many(m, args, names, 2, 0x1u, 0x2u, args[2], t) < 0)
         return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = based_state_zero(t[0].tensor, t[1].tensor);
+    st = based_state_zero(t[0].tensor, t[1].tensor, stream);
     Py_END_ALLOW_THREADS
     return based_py_finish(st, t, 2);
 }
 
-/* state_copy(dst, src) */
+/* state_copy(dst, src, stream) */
 static PyObject *py_state_copy(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     static const char *const names[2] = {"dst", "src"};
+    void *stream;
     based_py_tensor t[2];
-    if (based_py_check_nargs("state_copy", nargs, 2) < 0 || based_py_import_many(m, args, names, 2, 0x1u, 0u, t) < 0)
+    if (based_py_check_nargs("state_copy", nargs, 3) < 0 || based_py_as_stream(args[2], &stream) < 0 ||
+        based_py_import_many(m, args, names, 2, 0x1u, 0u, args[2], t) < 0)
         return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = based_state_copy(t[0].tensor, t[1].tensor);
+    st = based_state_copy(t[0].tensor, t[1].tensor, stream);
     Py_END_ALLOW_THREADS
     return based_py_finish(st, t, 2);
 }
 
-/* state_gather(dst, src, batch_indices) */
+/* state_gather(dst, src, batch_indices, stream) */
 static PyObject *py_state_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     static const char *const names[3] = {"dst", "src", "batch_indices"};
+    void *stream;
     based_py_tensor t[3];
-    if (based_py_check_nargs("state_gather", nargs, 3) < 0 || based_py_import_many(m, args, names, 3, 0x1u, 0u, t) < 0)
+    if (based_py_check_nargs("state_gather", nargs, 4) < 0 || based_py_as_stream(args[3], &stream) < 0 ||
+        based_py_import_many(m, args, names, 3, 0x1u, 0u, args[3], t) < 0)
         return NULL;
     based_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = based_state_gather(t[0].tensor, t[1].tensor, t[2].tensor);
+    st = based_state_gather(t[0].tensor, t[1].tensor, t[2].tensor, stream);
     Py_END_ALLOW_THREADS
     return based_py_finish(st, t, 3);
 }
@@ -159,12 +166,14 @@ static PyObject *py_feature_dim(PyObject *Py_UNUSED(m), PyObject *arg) {
 
 PyMethodDef based_core_methods[] = {
     {"taylor_feature_map", FASTCALL(py_taylor_feature_map), METH_FASTCALL,
-     "taylor_feature_map(x, out, scale, /)\n--\n\nphi(x) into out (see based.taylor_feature_map)."},
+     "taylor_feature_map(x, out, scale, stream, /)\n--\n\nphi(x) into out (see based.taylor_feature_map).\n"
+     BASED_PY_STREAM_DOC},
     {"state_zero", FASTCALL(py_state_zero), METH_FASTCALL,
-     "state_zero(t, batch_indices, /)\n--\n\nZero t[i] for i in batch_indices (None: all)."},
-    {"state_copy", FASTCALL(py_state_copy), METH_FASTCALL, "state_copy(dst, src, /)\n--\n\ndst[...] = src[...]."},
+     "state_zero(t, batch_indices, stream, /)\n--\n\nZero t[i] for i in batch_indices (None: all; host memory)."},
+    {"state_copy", FASTCALL(py_state_copy), METH_FASTCALL,
+     "state_copy(dst, src, stream, /)\n--\n\ndst[...] = src[...], also between the host and a GPU."},
     {"state_gather", FASTCALL(py_state_gather), METH_FASTCALL,
-     "state_gather(dst, src, batch_indices, /)\n--\n\ndst[i] = src[batch_indices[i]] along axis 0."},
+     "state_gather(dst, src, batch_indices, stream, /)\n--\n\ndst[i] = src[batch_indices[i]] along axis 0."},
     {"zeros", FASTCALL(py_zeros), METH_FASTCALL,
      "zeros(shape, dtype, device_type, device_id, /)\n--\n\nA zero-filled based.Buffer."},
     {"dlpack_info", FASTCALL(py_dlpack_info), METH_FASTCALL,

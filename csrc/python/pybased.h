@@ -71,9 +71,10 @@ void based_py_release_all(based_py_tensor *ts, int n);
 
 /* The shape of every binding: import objs[0..n) (bit i of `written`: the op writes it;
  * bit i of `optional`: Py_None is an empty slot), all or nothing: returns 0, or -1 with an
- * exception set (the one about the argument refused) and nothing held. */
+ * exception set (the one about the argument refused) and nothing held. stream: the op's
+ * stream argument, handed to the __dlpack__ of CUDA producers. */
 int based_py_import_many(PyObject *module, PyObject *const *objs, const char *const *names, int n,
-                         unsigned written, unsigned optional, based_py_tensor *out);
+                         unsigned written, unsigned optional, PyObject *stream, based_py_tensor *out);
 
 /* Raises for st (from this thread's last error, read before any deleter can run based
  * code and overwrite it), gives the n tensors back, and returns None for OK, else NULL. */
@@ -112,6 +113,15 @@ void based_py_describe_dtype(DLDataType t, char *buf, size_t size);
 int based_py_check_nargs(const char *fname, Py_ssize_t nargs, Py_ssize_t n);
 int based_py_as_double(PyObject *o, const char *name, double *out);
 int based_py_as_int64(PyObject *o, const char *name, int64_t *out);
+
+/* The trailing `stream` argument of every op binding: None (NULL, the legacy default
+ * stream) or a non-negative int, the cudaStream_t as DLPack passes it (1: the legacy
+ * default stream, 2: the per-thread default stream, else the handle). TypeError or
+ * ValueError naming it, and -1, otherwise. */
+int based_py_as_stream(PyObject *o, void **out);
+#define BASED_PY_STREAM_DOC                                                                               \
+    "stream: None (the legacy default stream) or a cudaStream_t as an int (1: the legacy default "        \
+    "stream, 2: the per-thread default stream); CUDA producers export for it, CPU tensors ignore it."
 
 /* A METH_FASTCALL function as the PyCFunction a PyMethodDef holds. */
 #define FASTCALL(fn) (PyCFunction)(void (*)(void))(fn)

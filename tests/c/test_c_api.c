@@ -68,15 +68,15 @@ static void test_device_rule(void) {
     DLTensor phi = on_cuda(tensor(NULL, 2, fs, NULL, kDLFloat, 32), 1);
     DLTensor x64 = x, phi64 = phi;
     x64.dtype.bits = phi64.dtype.bits = 64;
-    CHECK_ERROR(based_taylor_feature_map(&x64, &phi64, 0.5), BASED_STATUS_TYPE_ERROR,
+    CHECK_ERROR(based_taylor_feature_map(&x64, &phi64, 0.5, NULL), BASED_STATUS_TYPE_ERROR,
                 "taylor_feature_map: x is float64 on cuda:0; the CUDA kernels compute in float32, float16 and "
                 "bfloat16");
     DLTensor xs2 = x;
     xs2.strides = x_strided;
-    CHECK_ERROR(based_taylor_feature_map(&xs2, &phi, 0.5), BASED_STATUS_VALUE_ERROR,
+    CHECK_ERROR(based_taylor_feature_map(&xs2, &phi, 0.5, NULL), BASED_STATUS_VALUE_ERROR,
                 "taylor_feature_map: on CUDA, x must have unit stride along its last dim (of size 4), got stride 2; "
                 "pass .contiguous()");
-    CHECK_ERROR(based_taylor_feature_map(&x, &phi, 0.5), BASED_STATUS_NOT_IMPLEMENTED,
+    CHECK_ERROR(based_taylor_feature_map(&x, &phi, 0.5, NULL), BASED_STATUS_NOT_IMPLEMENTED,
                 "taylor_feature_map: x is on cuda:0, and this build of based has no CUDA kernel for taylor_feature_map "
                 "(it was built without nvcc); use CPU tensors");
 
@@ -116,11 +116,11 @@ static void test_device_rule(void) {
     /* state helpers: host batch indices, a CUDA state */
     int64_t idx[2] = {1, -2}, is[1] = {2};
     DLTensor tidx = tensor(idx, 1, is, NULL, kDLInt, 64);
-    CHECK_ERROR(based_state_zero(&kv, &tidx), BASED_STATUS_NOT_IMPLEMENTED,
+    CHECK_ERROR(based_state_zero(&kv, &tidx, NULL), BASED_STATUS_NOT_IMPLEMENTED,
                 "reset: state is on cuda:0, and this build of based has no CUDA kernel for reset (it was built without "
                 "nvcc); use CPU tensors");
     DLTensor cuda_idx = on_cuda(tidx, 9);
-    CHECK_ERROR(based_state_zero(&kv, &cuda_idx), BASED_STATUS_NOT_IMPLEMENTED,
+    CHECK_ERROR(based_state_zero(&kv, &cuda_idx, NULL), BASED_STATUS_NOT_IMPLEMENTED,
                 "reset: batch_indices is on cuda:0; batch indices are read on the host, so pass them in CPU memory");
 }
 
@@ -132,7 +132,7 @@ int main(void) {
     DLTensor tx = tensor(x, 2, xs, NULL, kDLFloat, 32), to = tensor(out, 2, os, NULL, kDLFloat, 32);
     double scale = 0.5;
     CHECK(based_taylor_feature_dim(3) == 10, "F(3) = %lld", (long long)based_taylor_feature_dim(3));
-    CHECK(based_taylor_feature_map(&tx, &to, scale) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(based_taylor_feature_map(&tx, &to, scale, NULL) == BASED_STATUS_OK, "%s", based_last_error());
     for (int r = 0; r < 2; r++) {
         float want[10];
         int f = 0;
@@ -150,20 +150,20 @@ int main(void) {
     for (int i = 0; i < 20; i++) ((float *)out)[i] = 7.f;
     int64_t bad_shape[2] = {2, 9};
     DLTensor tbad = tensor(out, 2, bad_shape, NULL, kDLFloat, 32);
-    CHECK(based_taylor_feature_map(&tx, &tbad, scale) == BASED_STATUS_VALUE_ERROR, "bad shape status");
+    CHECK(based_taylor_feature_map(&tx, &tbad, scale, NULL) == BASED_STATUS_VALUE_ERROR, "bad shape status");
     CHECK(strstr(based_last_error(), "out must have shape") != NULL, "message: %s", based_last_error());
-    CHECK(based_taylor_feature_map(&tx, &to, -1.0) == BASED_STATUS_VALUE_ERROR, "negative scale");
+    CHECK(based_taylor_feature_map(&tx, &to, -1.0, NULL) == BASED_STATUS_VALUE_ERROR, "negative scale");
     CHECK(strstr(based_last_error(), "scale must be a finite number > 0") != NULL, "message: %s",
           based_last_error());
     DLTensor tint = tensor(x, 2, xs, NULL, kDLInt, 32);
-    CHECK(based_taylor_feature_map(&tint, &to, scale) == BASED_STATUS_TYPE_ERROR, "int32 x");
-    CHECK(based_taylor_feature_map(NULL, &to, scale) == BASED_STATUS_VALUE_ERROR, "NULL x");
+    CHECK(based_taylor_feature_map(&tint, &to, scale, NULL) == BASED_STATUS_TYPE_ERROR, "int32 x");
+    CHECK(based_taylor_feature_map(NULL, &to, scale, NULL) == BASED_STATUS_VALUE_ERROR, "NULL x");
     DLTensor tcuda = tx;
     tcuda.device.device_type = kDLCUDA;
     DLTensor tocuda = to;
     tocuda.device.device_type = kDLCUDA;
-    CHECK(based_taylor_feature_map(&tcuda, &tocuda, scale) == BASED_STATUS_NOT_IMPLEMENTED, "CUDA tensors");
-    CHECK(based_taylor_feature_map(&tcuda, &to, scale) == BASED_STATUS_VALUE_ERROR, "mixed devices");
+    CHECK(based_taylor_feature_map(&tcuda, &tocuda, scale, NULL) == BASED_STATUS_NOT_IMPLEMENTED, "CUDA tensors");
+    CHECK(based_taylor_feature_map(&tcuda, &to, scale, NULL) == BASED_STATUS_VALUE_ERROR, "mixed devices");
     CHECK(strstr(based_last_error(), "one device") != NULL, "message: %s", based_last_error());
     for (int i = 0; i < 20; i++) CHECK(((float *)out)[i] == 7.f, "out[%d] was written by a failed call", i);
 
@@ -172,9 +172,9 @@ int main(void) {
     int64_t ss[2] = {3, 2}, is[1] = {3}, os1[1] = {1};
     DLTensor tst = tensor(st, 2, ss, NULL, kDLInt, 64), tidx = tensor(idx, 1, is, NULL, kDLInt, 64);
     DLTensor tone = tensor(one, 1, os1, NULL, kDLInt, 64);
-    CHECK(based_state_zero(&tst, &tone) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(based_state_zero(&tst, &tone, NULL) == BASED_STATUS_OK, "%s", based_last_error());
     CHECK(st[1][0] == 0 && st[1][1] == 0 && st[0][0] == 1, "state_zero");
-    CHECK(based_state_gather(&tst, &tst, &tidx) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(based_state_gather(&tst, &tst, &tidx, NULL) == BASED_STATUS_OK, "%s", based_last_error());
     CHECK(st[0][0] == 5 && st[1][1] == 2 && st[2][0] == 1, "state_gather in place");
 
     /* linear attention: fast kernel == plain-loop twin, prefill then decode; B=1 T=70 H=2 Dk=4 Dv=3

@@ -244,17 +244,18 @@ int main(void) {
     /* ---- feature map and the linear state's layouts ---------------------------------- */
     int64_t x3[3] = {2, 3, 4}, phi3[3] = {2, 3, 15};
     DLTensor x = cuda(20, 0, 3, x3, NULL, kDLFloat, 32), phi = cuda(21, 0, 3, phi3, NULL, kDLFloat, 32);
-    CHECK(based_taylor_feature_map(&x, &phi, 0.5) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(based_taylor_feature_map(&x, &phi, 0.5, stream) == BASED_STATUS_OK, "%s", based_last_error());
     const based_feature_map_args *fa = &seen.feature_map;
-    CHECK(strcmp(seen.fn, "based_cuda_taylor_feature_map") == 0, "reached %s", seen.fn);
+    CHECK(strcmp(seen.fn, "based_cuda_taylor_feature_map") == 0 && seen.stream == stream, "reached %s", seen.fn);
     CHECK(fa->x == device_address(20) && fa->out == device_address(21) && fa->ndim == 3 && fa->rows == 6 &&
               fa->feature_dim == 4 && fa->feature_count == 15 && fa->out_strides[1] == 15 && fa->scale == 0.5,
           "feature map args");
     int64_t e4[4] = {2, 2, 21, 5}, e3[3] = {2, 2, 21};
     DLTensor kv_e = cuda(22, 1, 4, e4, NULL, kDLFloat, 32), ksum_e = cuda(23, 1, 3, e3, NULL, kDLFloat, 32);
-    CHECK(based_linear_state_from_expanded(&kv_e, &ksum_e, &kv, &ksum) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(based_linear_state_from_expanded(&kv_e, &ksum_e, &kv, &ksum, stream) == BASED_STATUS_OK, "%s",
+          based_last_error());
     const based_linear_state_args *sa = &seen.linear_state;
-    CHECK(strcmp(seen.fn, "based_cuda_linear_state_convert") == 0 && sa->from_expanded == 1 &&
+    CHECK(strcmp(seen.fn, "based_cuda_linear_state_convert") == 0 && seen.stream == stream && sa->from_expanded == 1 &&
               sa->feature_count == 15 && sa->expanded_count == 21 && sa->device.id == 1 &&
               same_strides(&sa->ksum_exp, 42, 21, 1, 0),
           "linear state args");
@@ -270,26 +271,28 @@ int main(void) {
     tidx.dtype.bits = 64;
     tidx.dtype.lanes = 1;
     tidx.shape = n2;
-    CHECK(based_state_gather(&kv, &kv, &tidx) == BASED_STATUS_OK, "%s", based_last_error());
-    CHECK(strcmp(seen.fn, "based_cuda_state_gather") == 0 && seen.state.n_indices == 2 && seen.indices[0] == 1 &&
+    CHECK(based_state_gather(&kv, &kv, &tidx, stream) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(strcmp(seen.fn, "based_cuda_state_gather") == 0 && seen.stream == stream && seen.state.n_indices == 2 &&
+              seen.indices[0] == 1 &&
               seen.indices[1] == 0,
           "gather indices");
-    CHECK(based_state_zero(&kv, NULL) == BASED_STATUS_OK && strcmp(seen.fn, "based_cuda_state_zero") == 0 &&
-              seen.state.indices == NULL && seen.state.dst.numel == 300,
+    CHECK(based_state_zero(&kv, NULL, stream) == BASED_STATUS_OK && strcmp(seen.fn, "based_cuda_state_zero") == 0 &&
+              seen.stream == stream && seen.state.indices == NULL && seen.state.dst.numel == 300,
           "zero all: %s", based_last_error());
     static float host[2][2][15][5];
     DLTensor hkv = kv;
     hkv.data = host;
     hkv.device.device_type = kDLCPU;
     hkv.device.device_id = 0;
-    CHECK(based_state_copy(&hkv, &kv) == BASED_STATUS_OK, "%s", based_last_error());
-    CHECK(strcmp(seen.fn, "based_cuda_state_copy") == 0 && seen.state.dst.device.kind == BASED_DEVICE_CPU &&
+    CHECK(based_state_copy(&hkv, &kv, stream) == BASED_STATUS_OK, "%s", based_last_error());
+    CHECK(strcmp(seen.fn, "based_cuda_state_copy") == 0 && seen.stream == stream &&
+              seen.state.dst.device.kind == BASED_DEVICE_CPU &&
               seen.state.src.device.kind == BASED_DEVICE_CUDA && seen.state.src.device.id == 1 &&
               seen.state.dst.data == (char *)host,
           "copy to the host goes to CUDA");
     DLTensor kv64 = kv;
     kv64.dtype.bits = 64;
-    CHECK(based_state_copy(&kv64, &hkv) == BASED_STATUS_OK && seen.state.dst.dtype == BASED_DTYPE_FLOAT64,
+    CHECK(based_state_copy(&kv64, &hkv, NULL) == BASED_STATUS_OK && seen.state.dst.dtype == BASED_DTYPE_FLOAT64,
           "the state helpers move float64 too: %s", based_last_error());
 
     if (failures == 0) printf("test_cuda_dispatch: all checks passed (%d CUDA calls)\n", seen.calls);
