@@ -49,9 +49,12 @@ def build_info() -> dict:
     ``OMP_NUM_THREADS`` to change); ``cpu_kernels``: the CPU kernels each op runs, chosen at run
     time from the CPU -- ``{'linear_attention': 'avx2+fma' | 'generic', 'sliding_window':
     'avx512' | 'avx2' | 'generic'}``; ``BASED_CPU_ISA=generic`` forces the portable ones,
-    ``BASED_CPU_ISA=avx2`` rules out AVX-512.
+    ``BASED_CPU_ISA=avx2`` rules out AVX-512; ``limits``: the C core's limits (``max_ndim``,
+    ``max_feature_dim`` Dk, ``max_chunk_size``, ``max_head_dim`` D, ``max_feature_map_dim`` the Dk of
+    ``feature_dim``).
     """
     info = dict(_C.build_info())
+    info["limits"] = _C.limits()
     info["cuda_devices"] = _C.cuda_device_count()
     info["cpu_kernels"] = {"linear_attention": _C.linear_kernel_isa(), "sliding_window": _C.window_kernel_isa()}
     return info

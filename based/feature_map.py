@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _args, _arrays, _C
 
 # largest Dk for which the C core computes F in int64 (Dk * (Dk + 1) must fit)
-MAX_FEATURE_DIM_INT64 = 3037000498
+MAX_FEATURE_DIM_INT64 = _C.limits()["max_feature_map_dim"]
 
 
 def feature_dim(head_dim: int) -> int:

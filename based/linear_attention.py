@@ -19,7 +19,7 @@ import math
 from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
-MAX_FEATURE_DIM = 32
+MAX_FEATURE_DIM = _C.limits()["max_feature_dim"]  # the C core's limit (based.h)
 
 
 def _dk_from_compact(rows: int) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 from . import _args, _arrays, _C
 from ._state import RecurrentState, _dtype_name
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = _C.limits()["max_head_dim"]  # the C core's limit (based.h)
 
 
 def _key_ring(like, shape, dtype, device):

@@ -109,7 +109,7 @@ typedef struct {
 /* ---------------------------------------------------------------------------------
  * Taylor feature map: x (..., Dk) -> out (..., F), any number of leading dims.
  * --------------------------------------------------------------------------------- */
-#define BASED_ARGS_MAX_NDIM 16
+#define BASED_ARGS_MAX_NDIM BASED_MAX_NDIM /* based.h */
 
 typedef struct {
     based_device device;

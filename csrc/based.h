@@ -58,6 +58,7 @@
 #ifndef BASED_H
 #define BASED_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "dlpack.h"
@@ -110,6 +111,36 @@ BASED_API int based_cuda_device_count(void);
 /* 1 if compiled with OpenMP; based_max_threads() is then omp_get_max_threads(). */
 BASED_API int based_built_with_openmp(void);
 BASED_API int based_max_threads(void);
+/* The compute capabilities the CUDA kernels were compiled for, ';'-separated ("80;86;89;90"),
+ * or "" when built without CUDA. */
+BASED_API const char *based_cuda_archs(void);
+/* The CPU kernels `op` runs on this machine, picked at its first call from the CPU and the
+ * environment variable BASED_CPU_ISA ("generic", or "avx2": no AVX-512):
+ *   "linear_attention": "avx2+fma" or "generic";  "sliding_window": "avx512", "avx2" or "generic".
+ * NULL for any other op (the others have one CPU kernel). */
+BASED_API const char *based_cpu_kernel_isa(const char *op);
+
+/* Limits of the ops; a call beyond one fails with BASED_STATUS_VALUE_ERROR naming it. */
+#define BASED_MAX_NDIM 16          /* dimensions of any tensor argument */
+#define BASED_MAX_FEATURE_DIM 32   /* Dk of linear attention (F = 561 at Dk = 32) */
+#define BASED_MAX_CHUNK_SIZE 1024  /* based_linear_attention_params.chunk_size */
+#define BASED_MAX_HEAD_DIM 256     /* D of sliding-window attention */
+#define BASED_MAX_FEATURE_MAP_DIM 3037000498LL /* Dk of based_taylor_feature_dim: F fits int64 */
+
+/* ---------------------------------------------------------------------------------
+ * CUDA memory, for callers with no array library at hand (based.Buffer). Each call
+ * makes `device` current for its duration (the caller's device is restored) and has
+ * finished when it returns. Without CUDA in the build: BASED_STATUS_NOT_IMPLEMENTED.
+ * A CUDA failure is BASED_STATUS_CUDA_ERROR (OUT_OF_MEMORY when memory ran out) with
+ * the runtime's words in based_last_error().
+ * --------------------------------------------------------------------------------- */
+
+/* *ptr = nbytes of zero-filled memory on `device` (NULL on failure). */
+BASED_API based_status based_cuda_malloc_zeroed(void **ptr, size_t nbytes, int device);
+/* Frees what based_cuda_malloc_zeroed returned; safe from any thread. */
+BASED_API based_status based_cuda_free(void *ptr, int device);
+/* nbytes from src to dst, either of them host or device memory (cudaMemcpyDefault). */
+BASED_API based_status based_cuda_memcpy(void *dst, const void *src, size_t nbytes, int device);
 
 /* ---------------------------------------------------------------------------------
  * Taylor feature map (SPEC 1.1; paper Sec. 4.1, Eq. 4), compact order:

@@ -66,6 +66,61 @@ int based_cuda_device_count(void) {
 #endif
 }
 
+const char *based_cuda_archs(void) {
+#ifdef BASED_CUDA_ARCHS
+    return BASED_CUDA_ARCHS; /* set by setup.py with BASED_WITH_CUDA */
+#else
+    return "";
+#endif
+}
+
+/* ---------------------------------------------------------------------------------
+ * CUDA memory (based.h): kernels/runtime.cu's functions with a based_status
+ * --------------------------------------------------------------------------------- */
+
+#ifdef BASED_WITH_CUDA
+/* err: a cudaError_t; cudaErrorMemoryAllocation (2) is OUT_OF_MEMORY. */
+static based_status cuda_status(int err, const char *what, size_t nbytes, int device) {
+    if (err == 0) return BASED_STATUS_OK;
+    return based_fail(err == 2 ? BASED_STATUS_OUT_OF_MEMORY : BASED_STATUS_CUDA_ERROR,
+                      "based: cannot %s %zu bytes on cuda:%d: %s", what, nbytes, device,
+                      based_cuda_runtime_error_string(err));
+}
+
+based_status based_cuda_malloc_zeroed(void **ptr, size_t nbytes, int device) {
+    return cuda_status(based_cuda_runtime_malloc_zeroed(ptr, nbytes, device), "allocate", nbytes, device);
+}
+
+based_status based_cuda_free(void *ptr, int device) {
+    return cuda_status(based_cuda_runtime_free(ptr, device), "free", 0, device);
+}
+
+based_status based_cuda_memcpy(void *dst, const void *src, size_t nbytes, int device) {
+    return cuda_status(based_cuda_runtime_memcpy(dst, src, nbytes, device), "copy", nbytes, device);
+}
+#else
+static based_status no_cuda_memory(void) {
+    return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
+                      "based was built without CUDA (no nvcc at build time), so it cannot allocate CUDA memory");
+}
+
+based_status based_cuda_malloc_zeroed(void **ptr, size_t nbytes, int device) {
+    (void)nbytes, (void)device;
+    *ptr = NULL;
+    return no_cuda_memory();
+}
+
+based_status based_cuda_free(void *ptr, int device) {
+    (void)ptr, (void)device;
+    return no_cuda_memory();
+}
+
+based_status based_cuda_memcpy(void *dst, const void *src, size_t nbytes, int device) {
+    (void)dst, (void)src, (void)nbytes, (void)device;
+    return no_cuda_memory();
+}
+#endif
+
 int based_built_with_openmp(void) {
 #ifdef _OPENMP
     return 1;

@@ -9,10 +9,13 @@
  *      based_cpu_<op>_<phase>(&args) (csrc/<op>.c).
  *
  * The reference twins (_ref) run on the CPU only. A build without nvcc (no BASED_WITH_CUDA)
- * answers CUDA tensors with NOT_IMPLEMENTED once they have passed the checks.
+ * answers CUDA tensors with NOT_IMPLEMENTED once they have passed the checks. Also here:
+ * based_cpu_kernel_isa, which CPU kernels an op runs.
  */
 #include "internal.h"
+#include "linear_internal.h"
 #include "ops.h"
+#include "sliding_window.h"
 
 #include "../kernels/based_cuda.h"
 
@@ -31,6 +34,13 @@ static based_status no_cuda(const char *op, const char *name, based_device devic
                       op, name, (int)device.id, op);
 }
 #endif
+
+/* based.h: the CPU kernels of the ops that pick theirs at run time. */
+const char *based_cpu_kernel_isa(const char *op) {
+    if (op != NULL && strcmp(op, "linear_attention") == 0) return based_lin_kernels_pick()->name;
+    if (op != NULL && strcmp(op, "sliding_window") == 0) return based_window_kernel_isa();
+    return NULL;
+}
 
 static based_status ref_on_cuda(const char *op, const char *name, based_device device) {
     return based_fail(BASED_STATUS_NOT_IMPLEMENTED,

@@ -17,7 +17,7 @@
 #include "ops.h"
 
 int64_t based_taylor_feature_dim(int64_t head_dim) {
-    if (head_dim < 1 || head_dim > 3037000498LL) return -1; /* Dk(Dk+1)/2 must fit int64 */
+    if (head_dim < 1 || head_dim > BASED_MAX_FEATURE_MAP_DIM) return -1; /* Dk(Dk+1)/2 must fit int64 */
     return 1 + head_dim + head_dim * (head_dim + 1) / 2;
 }
 

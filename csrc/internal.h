@@ -23,8 +23,6 @@
 #include <omp.h>
 #endif
 
-#define BASED_MAX_NDIM 16
-
 /* ---------------------------------------------------------------------------------
  * Errors: based_fail() (args.h) records a message for this thread and returns the status,
  * so checks read `if (bad) return based_fail(BASED_STATUS_VALUE_ERROR, "...", ...);`

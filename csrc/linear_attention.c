@@ -85,9 +85,9 @@ based_status based_linear_attention_check(based_linear_attention_args *args, con
     const int64_t any[4] = {-1, -1, -1, -1};
     BASED_TRY(based_check_shape(&q, nd, any, prefill ? "B,T,H,Dk" : "B,H,Dk"));
     const int64_t B = q.shape[0], T = prefill ? q.shape[1] : 1, H = q.shape[nd - 2], Dk = q.shape[nd - 1];
-    if (Dk < 1 || Dk > BASED_LIN_MAX_DK)
+    if (Dk < 1 || Dk > BASED_MAX_FEATURE_DIM)
         return based_fail(BASED_STATUS_VALUE_ERROR, "%s: q must have a feature dim Dk in 1..%d, got Dk=%lld", op,
-                          BASED_LIN_MAX_DK, (long long)Dk);
+                          BASED_MAX_FEATURE_DIM, (long long)Dk);
     const int64_t F = based_taylor_feature_dim(Dk);
     int64_t want[4];
     if (prefill) {
@@ -116,9 +116,9 @@ based_status based_linear_attention_check(based_linear_attention_args *args, con
 
     BASED_TRY(based_check_scalar(p->scale, "scale", 1));
     BASED_TRY(based_check_scalar(p->eps, "eps", 0));
-    if (p->chunk_size < 0 || p->chunk_size > BASED_LIN_MAX_CHUNK)
+    if (p->chunk_size < 0 || p->chunk_size > BASED_MAX_CHUNK_SIZE)
         return based_fail(BASED_STATUS_VALUE_ERROR, "chunk_size must be in 0..%d (0: default), got %lld",
-                          BASED_LIN_MAX_CHUNK, (long long)p->chunk_size);
+                          BASED_MAX_CHUNK_SIZE, (long long)p->chunk_size);
 
     /* what is written must not overlap itself, another output or an input */
     const based_view *wr[] = {&out, &kv, &ksum, &tokens}, *rd[] = {&q, &k, &v};

@@ -1,8 +1,7 @@
 /*
- * linear_internal.h -- what the Taylor linear-attention files share: the checked
- * arguments of a prefill/decode call, the per-thread workspace of the chunked
- * prefill, and the table of CPU kernels chosen at run time (portable C, or the same
- * C compiled for AVX2+FMA; see linear_kernels.h).
+ * linear_internal.h -- what the Taylor linear-attention files share: the per-thread
+ * workspace of the chunked prefill, and the table of CPU kernels chosen at run time
+ * (portable C, or the same C compiled for AVX2+FMA; see linear_kernels.h).
  *
  *   linear_attention.c      the check, the prefill/decode drivers (dtype/stride handling), kernel choice
  *   linear_kernels.h        the hot loops, written once, included per (type, ISA)
@@ -17,9 +16,7 @@
 #include "internal.h"
 #include "ops.h"
 
-#define BASED_LIN_MAX_DK 32          /* F = 561 at Dk = 32 */
 #define BASED_LIN_DEFAULT_CHUNK 64
-#define BASED_LIN_MAX_CHUNK 1024     /* the chunk's C x C attention block is scratch */
 #define BASED_LIN_ROW_ALIGN 8        /* workspace rows padded to a multiple of 8 elements */
 
 /* Threads in the team of the innermost parallel region (1 outside one, or without

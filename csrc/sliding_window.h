@@ -14,8 +14,8 @@
 #include "internal.h"
 #include "ops.h"
 
-/* Head dims the sliding-window ops accept (SPEC 1.2; the CUDA kernels share the limit). */
-#define BASED_WINDOW_MAX_HEAD_DIM 256
+/* Head dims the sliding-window ops accept (based.h; the CUDA kernels share the limit). */
+#define BASED_WINDOW_MAX_HEAD_DIM BASED_MAX_HEAD_DIM
 
 /* Positions (tokens + T) stay below this, so position arithmetic never nears int64's end. */
 #define BASED_WINDOW_MAX_POSITION ((int64_t)1 << 62)

@@ -25,6 +25,11 @@ def test_build_info():
     assert info["cuda_devices"] >= 0
     if not info["cuda"]:
         assert not based.cuda_available()
+        assert info["cuda_archs"] == ""
+    # SPEC 1: Dk in 1..32, D in 1..256; the Python layer states the C core's limits, not its own
+    assert info["limits"] == {"max_ndim": 16, "max_feature_dim": 32, "max_chunk_size": 1024, "max_head_dim": 256,
+                              "max_feature_map_dim": 3037000498}
+    assert based.linear_attention.MAX_FEATURE_DIM == 32 and based.sliding_window.MAX_HEAD_DIM == 256
 
 
 def test_cli_help_and_info():

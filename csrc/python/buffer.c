@@ -12,12 +12,7 @@
 
 #include <stdatomic.h>
 #include <stdlib.h>
-
-#include "../internal.h"
-
-#ifdef BASED_WITH_CUDA
-#include "../../kernels/based_cuda.h"
-#endif
+#include <string.h>
 
 typedef struct {
     atomic_llong refcount;
@@ -52,9 +47,8 @@ static based_storage *storage_new(size_t nbytes, DLDevice device, const void *co
         if (copy_from) memcpy(s->ptr, copy_from, nbytes);
         else memset(s->ptr, 0, nbytes);
     } else {
-#ifdef BASED_WITH_CUDA
-        const int count = based_cuda_runtime_device_count();
-        if (device.device_id < 0 || device.device_id >= count) {
+        const int count = based_cuda_device_count();
+        if (based_built_with_cuda() && (device.device_id < 0 || device.device_id >= count)) {
             free(s);
             if (count == 0)
                 PyErr_Format(PyExc_ValueError,
@@ -66,23 +60,15 @@ static based_storage *storage_new(size_t nbytes, DLDevice device, const void *co
                              (int)device.device_id, count, count == 1 ? "" : "s", count - 1);
             return NULL;
         }
-        int err = based_cuda_runtime_malloc_zeroed(&s->ptr, nbytes ? nbytes : 256, (int)device.device_id);
-        if (err == 0 && copy_from)
-            err = based_cuda_runtime_memcpy(s->ptr, copy_from, nbytes, (int)device.device_id);
-        if (err != 0) {
-            if (s->ptr) based_cuda_runtime_free(s->ptr, (int)device.device_id);
+        const int id = (int)device.device_id;
+        based_status st = based_cuda_malloc_zeroed(&s->ptr, nbytes ? nbytes : 256, id);
+        if (st == BASED_STATUS_OK && copy_from) st = based_cuda_memcpy(s->ptr, copy_from, nbytes, id);
+        if (st != BASED_STATUS_OK) {
+            if (s->ptr) based_cuda_free(s->ptr, id);
             free(s);
-            PyErr_Format(err == 2 ? PyExc_MemoryError : PyExc_RuntimeError,
-                         "based: cannot allocate %zu bytes on cuda:%d: %s", nbytes, (int)device.device_id,
-                         based_cuda_runtime_error_string(err));
+            based_py_raise(st); /* MemoryError, RuntimeError, or NotImplementedError without CUDA */
             return NULL;
         }
-#else
-        free(s);
-        PyErr_SetString(PyExc_NotImplementedError,
-                        "based was built without CUDA (no nvcc at build time), so it cannot allocate CUDA memory");
-        return NULL;
-#endif
     }
     atomic_fetch_add(&live_storages, 1);
     return s;
@@ -96,9 +82,7 @@ static void storage_decref(based_storage *s) {
     if (s->device.device_type == kDLCPU) {
         free(s->ptr);
     } else {
-#ifdef BASED_WITH_CUDA
-        based_cuda_runtime_free(s->ptr, (int)s->device.device_id);
-#endif
+        based_cuda_free(s->ptr, (int)s->device.device_id);
     }
     atomic_fetch_sub(&live_storages, 1);
     free(s);

@@ -137,13 +137,13 @@ static PyObject *py_build_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignor
     return Py_BuildValue("{s:s,s:O,s:O,s:i,s:s}", "version", based_version(), "cuda",
                          based_built_with_cuda() ? Py_True : Py_False, "openmp",
                          based_built_with_openmp() ? Py_True : Py_False, "max_threads", based_max_threads(),
-                         "cuda_archs",
-#ifdef BASED_CUDA_ARCHS
-                         BASED_CUDA_ARCHS
-#else
-                         ""
-#endif
-    );
+                         "cuda_archs", based_cuda_archs());
+}
+
+static PyObject *py_limits(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:L}", "max_ndim", BASED_MAX_NDIM, "max_feature_dim", BASED_MAX_FEATURE_DIM,
+                         "max_chunk_size", BASED_MAX_CHUNK_SIZE, "max_head_dim", BASED_MAX_HEAD_DIM,
+                         "max_feature_map_dim", (long long)BASED_MAX_FEATURE_MAP_DIM);
 }
 
 static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
@@ -180,6 +180,9 @@ PyMethodDef based_core_methods[] = {
      "dlpack_info(array, name='array', /)\n--\n\n(shape, dtype, (device_type, device_id), readonly) read through DLPack;\n"
      "errors name the argument `name`."},
     {"build_info", (PyCFunction)py_build_info, METH_NOARGS, "build_info()\n--\n\nHow this extension was built."},
+    {"limits", (PyCFunction)py_limits, METH_NOARGS,
+     "limits()\n--\n\nThe C core's limits (based.h): max_ndim, max_feature_dim (Dk), max_chunk_size, max_head_dim,\n"
+     "max_feature_map_dim (Dk of feature_dim)."},
     {"cuda_device_count", (PyCFunction)py_cuda_device_count, METH_NOARGS,
      "cuda_device_count()\n--\n\nUsable CUDA devices (0 without CUDA build, driver or GPU)."},
     {"live_buffers", (PyCFunction)py_live_buffers, METH_NOARGS,

@@ -4,7 +4,6 @@
  * tensors back, map the status. based/linear_attention.py is the public API.
  */
 #include "pybased.h"
-#include "../linear_internal.h"
 
 typedef based_status (*linear_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
                                   DLTensor *, DLTensor *, const based_linear_attention_params *);
@@ -78,7 +77,7 @@ static PyObject *py_from_expanded(PyObject *m, PyObject *const *args, Py_ssize_t
 }
 
 static PyObject *py_kernel_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
-    return PyUnicode_FromString(based_lin_kernels_pick()->name);
+    return PyUnicode_FromString(based_cpu_kernel_isa("linear_attention"));
 }
 
 PyMethodDef based_linear_methods[] = {

@@ -4,7 +4,6 @@
  * (k_cache, v_cache, tokens) here; based/sliding_window.py bundles them.
  */
 #include "pybased.h"
-#include "../sliding_window.h"
 
 typedef based_status (*window_op)(const DLTensor *, const DLTensor *, const DLTensor *, DLTensor *, DLTensor *,
                                   DLTensor *, DLTensor *, const based_sliding_window_params *);
@@ -45,7 +44,7 @@ static PyObject *py_decode_ref(PyObject *m, PyObject *const *args, Py_ssize_t na
 #define WINDOW_ARGS "(q, k, v, k_cache, v_cache, tokens, out, window, scale, stream, /)\n--\n\n"
 
 static PyObject *py_kernel_isa(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
-    return PyUnicode_FromString(based_window_kernel_isa());
+    return PyUnicode_FromString(based_cpu_kernel_isa("sliding_window"));
 }
 
 PyMethodDef based_window_methods[] = {

@@ -264,6 +264,20 @@ int main(void) {
 
     CHECK(strcmp(based_status_str(BASED_STATUS_TYPE_ERROR), "type error") == 0, "status string");
     test_device_rule();
+
+    /* build information and CUDA memory in a build without CUDA */
+    const char *lin = based_cpu_kernel_isa("linear_attention"), *win = based_cpu_kernel_isa("sliding_window");
+    CHECK(lin && (!strcmp(lin, "avx2+fma") || !strcmp(lin, "generic")), "linear kernels %s", lin ? lin : "NULL");
+    CHECK(win && (!strcmp(win, "avx512") || !strcmp(win, "avx2") || !strcmp(win, "generic")), "window kernels %s",
+          win ? win : "NULL");
+    CHECK(based_cpu_kernel_isa("taylor_feature_map") == NULL && based_cpu_kernel_isa(NULL) == NULL, "other ops");
+    CHECK(based_built_with_cuda() == 0 && strcmp(based_cuda_archs(), "") == 0 && based_cuda_device_count() == 0,
+          "no CUDA");
+    void *dev = &failures;
+    CHECK(based_cuda_malloc_zeroed(&dev, 64, 0) == BASED_STATUS_NOT_IMPLEMENTED && dev == NULL, "malloc");
+    CHECK(strcmp(based_last_error(), "based was built without CUDA (no nvcc at build time), so it cannot allocate "
+                                     "CUDA memory") == 0,
+          "message: %s", based_last_error());
     if (failures == 0) printf("test_c_api: all checks passed (based %s)\n", based_version());
     return failures != 0;
 }

@@ -91,17 +91,20 @@ based_status based_cuda_state_gather(const based_state_args *args, cudaStream_t 
     RECORD(state);
 }
 
+static int runtime_error = 100; /* what the runtime's malloc returns: cudaErrorNoDevice */
 int based_cuda_runtime_device_count(void) { return 0; }
 int based_cuda_runtime_malloc_zeroed(void **ptr, size_t nbytes, int device) {
     (void)nbytes, (void)device;
     *ptr = NULL;
-    return 100; /* cudaErrorNoDevice */
+    return runtime_error;
 }
 int based_cuda_runtime_free(void *ptr, int device) { return (void)ptr, (void)device, 0; }
 int based_cuda_runtime_memcpy(void *dst, const void *src, size_t nbytes, int device) {
     return (void)dst, (void)src, (void)nbytes, (void)device, 100;
 }
-const char *based_cuda_runtime_error_string(int err) { return err ? "no CUDA-capable device is detected" : "no error"; }
+const char *based_cuda_runtime_error_string(int err) {
+    return err == 2 ? "out of memory" : err ? "no CUDA-capable device is detected" : "no error";
+}
 int based_cuda_runtime_capability(int device) { return (void)device, -1; }
 
 /* ---- tensors -------------------------------------------------------------------------- */
@@ -294,6 +297,16 @@ int main(void) {
     kv64.dtype.bits = 64;
     CHECK(based_state_copy(&kv64, &hkv, NULL) == BASED_STATUS_OK && seen.state.dst.dtype == BASED_DTYPE_FLOAT64,
           "the state helpers move float64 too: %s", based_last_error());
+
+    /* ---- CUDA memory for based.Buffer: the runtime's errors as a status and a message ---- */
+    void *ptr = &failures;
+    CHECK(based_cuda_malloc_zeroed(&ptr, 64, 1) == BASED_STATUS_CUDA_ERROR && ptr == NULL, "malloc");
+    CHECK(strcmp(based_last_error(), "based: cannot allocate 64 bytes on cuda:1: no CUDA-capable device is detected") ==
+              0,
+          "message %s", based_last_error());
+    runtime_error = 2; /* cudaErrorMemoryAllocation */
+    CHECK(based_cuda_malloc_zeroed(&ptr, 1 << 20, 0) == BASED_STATUS_OUT_OF_MEMORY, "%s", based_last_error());
+    CHECK(based_built_with_cuda() == 1 && strcmp(based_cuda_archs(), "") == 0, "built with CUDA, no archs macro");
 
     if (failures == 0) printf("test_cuda_dispatch: all checks passed (%d CUDA calls)\n", seen.calls);
     return failures != 0;
