@@ -6,11 +6,13 @@
  * How a call flows (every public op of based.h):
  *
  *   based_linear_attention_prefill(DLTensor *q, ...)                 csrc/dispatch.c
- *     1. based_linear_attention_check(&args, ..., BASED_PHASE_PREFILL)
+ *     1. based_linear_attention_check(&args, ..., BASED_PHASE_PREFILL, op)
  *            every check of SPEC 4, shared by both backends, writes nothing    csrc/<op>.c
  *     2. args.device.kind == BASED_DEVICE_CUDA
  *            ? based_cuda_linear_attention_prefill(&args, stream)              kernels/<op>_*.cu
- *            : based_cpu_linear_attention_prefill(&args)                       csrc/<op>_cpu.c
+ *            : based_cpu_linear_attention_prefill(&args)                       csrc/<op>.c
+ *
+ * csrc/ops.h lists every op's check, CPU kernel, reference twin and CUDA kernel file.
  *
  * Everything here is plain C (no OpenMP, no CUDA types) so that nvcc compiles it as C++.
  * Sizes and strides are int64 everywhere: B*T*H*D beyond 2^31 elements is indexed right.
@@ -139,7 +141,8 @@ typedef struct {
 typedef struct {
     based_state_tensor dst, src;    /* src unused by zero */
     const int64_t *indices;         /* host array of n_indices rows, normalised to [0, B);
-                                       NULL: every row (zero) or the identity (copy) */
+                                       NULL: every row (zero) or the identity (copy). Valid
+                                       for the call only: the C core frees it on return */
     int64_t n_indices;
 } based_state_args;
 

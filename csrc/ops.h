@@ -4,17 +4,18 @@
  * entry points (csrc/dispatch.c) call the check, then the CPU function here or the CUDA
  * function of kernels/based_cuda.h with the same arguments.
  *
- *   op                   check and CPU kernel      reference twin             CUDA kernel
- *   taylor_feature_map   feature_map.c             -                          kernels/feature_map.cu
- *   linear_attention     linear_attention.c        linear_attention_ref.c     kernels/linear_attention_*.cu
- *   sliding_window       sliding_window.c          sliding_window_ref.c       kernels/sliding_window_*.cu
- *   linear_state         linear_state.c            -                          kernels/state.cu
- *   state (zero/copy/gather) state.c               -                          kernels/state.cu
+ *   op                   check, CPU kernel     reference twin           CUDA kernel
+ *   taylor_feature_map   feature_map.c         -                        kernels/feature_map.cu
+ *   linear_attention     linear_attention.c    linear_attention_ref.c   kernels/linear_attention_{prefill,decode}.cu
+ *   sliding_window       sliding_window.c      sliding_window_ref.c     kernels/sliding_window_{prefill,decode}.cu
+ *   linear_state         linear_state.c        -                        kernels/state.cu
+ *   state zero/copy/...  state.c               -                        kernels/state.cu
+ *   (the C files are in csrc/)
  *
- * Checks (SPEC 4) read the DLTensors and, on the host, nothing else but token counters and
- * batch indices of host tensors; they write only *args. Every message names the op as the
- * user called it (`op`, e.g. "linear_attention_decode_ref"). A check that passes leaves a
- * call the kernels of either backend can run as given.
+ * Checks (SPEC 4) read the DLTensor descriptions; of tensor memory they read only the token
+ * counters of CPU calls and the batch indices (host memory always), and they write only
+ * *args. Messages name the op as the user called it (`op`, e.g. "linear_attention_decode_ref").
+ * A check that passes leaves a call the kernels of either backend can run as given.
  */
 #ifndef BASED_OPS_H
 #define BASED_OPS_H
