@@ -1,5 +1,7 @@
 """The C API (csrc/based.h) compiled and run from plain C, without Python (SPEC 5)."""
 
+import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -7,6 +9,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_nvcc():
+    """nvcc as setup.py looks for it (BASED_NVCC, CUDA_HOME, CUDA_PATH, PATH), or None."""
+    candidates = [os.environ.get("BASED_NVCC")]
+    candidates += [os.path.join(os.environ[v], "bin", "nvcc") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def cuda_include_dirs(nvcc):
+    """The include directories nvcc passes to the host compiler (where cuda_runtime.h lives)."""
+    run = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True)
+    for line in (run.stdout + run.stderr).splitlines():
+        if "INCLUDES=" in line:
+            flags = shlex.split(line.split("INCLUDES=", 1)[1])
+            return [f[2:] for f in flags if f.startswith("-I")]
+    return []
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
@@ -20,6 +40,31 @@ def test_c_api_program(tmp_path, openmp):
     cmd = ["cc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", *omp, f"-I{ROOT / 'csrc'}",
            str(ROOT / "tests" / "c" / "test_c_api.c"), *sources, "-lm", "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "all checks passed" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or find_nvcc() is None, reason="needs a C++ compiler and the CUDA headers")
+def test_cuda_layout_kernels_on_host(tmp_path):
+    """kernels/state.cu and kernels/feature_map.cu built with the host C++ compiler
+    (BASED_KERNELS_ON_HOST: each launch runs its element loops on the CPU, the CUDA runtime is
+    stood in for) against plain loops: index math, staging between devices, streams -- no GPU."""
+    includes = [f"-I{d}" for d in cuda_include_dirs(find_nvcc())]
+    flags = ["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-DBASED_KERNELS_ON_HOST",
+             "-include", str(ROOT / "tests" / "c" / "cuda_host_shim.h"), *includes, f"-I{ROOT / 'csrc'}",
+             f"-I{ROOT / 'kernels'}"]
+    objects = []
+    for name in ("state", "feature_map"):
+        obj = tmp_path / f"{name}.o"
+        build = subprocess.run(["c++", *flags, "-x", "c++", "-c", str(ROOT / "kernels" / f"{name}.cu"), "-o",
+                                str(obj)], capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr
+        objects.append(str(obj))
+    exe = tmp_path / "test_cuda_on_host"
+    build = subprocess.run(["c++", *flags, str(ROOT / "tests" / "c" / "test_cuda_on_host.cpp"), *objects, "-o",
+                            str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
