@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import based
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,4 +70,43 @@ def test_cuda_layout_kernels_on_host(tmp_path):
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    assert "all checks passed" in run.stdout
+
+
+@pytest.mark.skipif(not based.cuda_available() or find_nvcc() is None or shutil.which("cc") is None,
+                    reason="needs a CUDA build of based, a GPU, nvcc and a C compiler")
+def test_c_api_program_on_cuda(tmp_path):
+    """tests/c/test_c_api_cuda.c: the C API with device pointers and a stream, from plain C,
+    against the same calls on host tensors. Built as setup.py builds the extension (kernels/
+    with nvcc, csrc/ with -DBASED_WITH_CUDA), for this machine's GPU only (-arch=native)."""
+    nvcc = find_nvcc()
+    kernels = sorted((ROOT / "kernels").glob("*.cu"))
+    procs = []  # the .cu files compile in parallel
+    for src in kernels:
+        obj = tmp_path / f"cu_{src.stem}.o"
+        procs.append((src, obj, subprocess.Popen(
+            [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-arch=native", "-I", str(ROOT / "csrc"),
+             "-I", str(ROOT / "kernels")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    objects = []
+    for src in sorted((ROOT / "csrc").glob("*.c")):
+        obj = tmp_path / f"c_{src.stem}.o"
+        build = subprocess.run(["cc", "-std=c11", "-O2", "-Wno-unknown-pragmas", "-DBASED_WITH_CUDA",
+                                f"-I{ROOT / 'csrc'}", "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr
+        objects.append(str(obj))
+    test_obj = tmp_path / "test_c_api_cuda.o"
+    includes = [f"-I{d}" for d in cuda_include_dirs(nvcc)]
+    build = subprocess.run(["cc", "-std=c11", "-O1", "-Wall", "-Wextra", "-Werror", *includes, f"-I{ROOT / 'csrc'}",
+                            "-c", str(ROOT / "tests" / "c" / "test_c_api_cuda.c"), "-o", str(test_obj)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    for src, obj, proc in procs:
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, f"{src.name}:\n{out}"
+        objects.append(str(obj))
+    exe = tmp_path / "test_c_api_cuda"
+    link = subprocess.run([nvcc, str(test_obj), *objects, "-o", str(exe), "-lm"], capture_output=True, text=True)
+    assert link.returncode == 0, link.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
     assert "all checks passed" in run.stdout
