@@ -111,7 +111,10 @@ class BuildExt(build_ext):
                 raise SystemExit(f"nvcc found at {nvcc} but libcudart_static.a was not; set CUDA_HOME")
             ext.extra_objects.extend(self._compile_cuda(nvcc, archs, werror))
             ext.extra_objects.append(cudart)
-            ext.libraries.extend(["rt", "pthread", "dl"])
+            # the kernels' host code is C++ compiled by nvcc: its launch stubs use guarded
+            # function-local statics (__cxa_guard_*) and unwinding (__gxx_personality_v0),
+            # which live in libstdc++; the extension is linked by the C compiler, so name it
+            ext.libraries.extend(["stdc++", "rt", "pthread", "dl"])
             ext.define_macros.append(("BASED_WITH_CUDA", "1"))
             ext.define_macros.append(("BASED_CUDA_ARCHS", '"' + ";".join(archs) + '"'))
             print(f"based: building CUDA kernels with {nvcc} for sm_{', sm_'.join(archs)}", file=sys.stderr)

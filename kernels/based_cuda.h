@@ -72,8 +72,10 @@ based_status based_cuda_sliding_window_decode(const based_sliding_window_args *a
 /* kernels/feature_map.cu */
 based_status based_cuda_taylor_feature_map(const based_feature_map_args *args, cudaStream_t stream);
 
-/* kernels/state.cu: dst and src on one CUDA device (copies across devices are staged by
- * the C core through the host). */
+/* kernels/state.cu. zero and gather: on one CUDA device (an in-place gather stages its rows
+ * in a stream-ordered device buffer). copy: also between devices (host <-> GPU, or two GPUs),
+ * the one exception to the contract above: staged through the host, it synchronises and
+ * returns with the copy done; float64 may be the host side's dtype (converted on the host). */
 based_status based_cuda_state_zero(const based_state_args *args, cudaStream_t stream);
 based_status based_cuda_state_copy(const based_state_args *args, cudaStream_t stream);
 based_status based_cuda_state_gather(const based_state_args *args, cudaStream_t stream);

@@ -28,22 +28,3 @@ extern "C" based_status based_cuda_sliding_window_decode(const based_sliding_win
     return pending("sliding_window_decode");
 }
 
-extern "C" based_status based_cuda_taylor_feature_map(const based_feature_map_args *, cudaStream_t) {
-    return pending("taylor_feature_map");
-}
-
-extern "C" based_status based_cuda_state_zero(const based_state_args *, cudaStream_t) {
-    return pending("state_zero");
-}
-
-extern "C" based_status based_cuda_state_copy(const based_state_args *, cudaStream_t) {
-    return pending("state_copy");
-}
-
-extern "C" based_status based_cuda_state_gather(const based_state_args *, cudaStream_t) {
-    return pending("state_gather");
-}
-
-extern "C" based_status based_cuda_linear_state_convert(const based_linear_state_args *args, cudaStream_t) {
-    return pending(args->from_expanded ? "linear_state_from_expanded" : "linear_state_to_expanded");
-}
