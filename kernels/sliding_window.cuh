@@ -18,6 +18,7 @@
 #define BASED_SLIDING_WINDOW_CUH
 
 #include <stdint.h>
+#include <string.h>
 
 #include <type_traits>
 
@@ -109,6 +110,27 @@ __device__ __forceinline__ void store_piece(T *row, int64_t stride, const T *sme
 #pragma unroll
     for (int e = 0; e < E; e++)
         if (d0 + e < count) row[(int64_t)(d0 + e) * stride] = smem_src[e];
+}
+
+// The E = 16 / sizeof(T) elements of a 16-byte piece as floats, in registers.
+template <typename T>
+__device__ __forceinline__ void piece_to_float(const uint4 &u, float *f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if constexpr (std::is_same<T, float>::value) {
+            f[i] = __uint_as_float(w[i]);
+        } else if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        } else {
+            __half2 h;
+            memcpy(&h, &w[i], sizeof h);
+            const float2 x = __half22float2(h);
+            f[2 * i] = x.x;
+            f[2 * i + 1] = x.y;
+        }
+    }
 }
 
 // Whether any of the E elements in 16 bytes of shared memory is Inf or NaN (exponent all

@@ -171,13 +171,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const based_sliding_wi
             } else {
                 const T *kp = j == jn ? Kn : Ks + j * ds;
                 for (int c = 0; c < dq / E; c++) {
-                    union {
-                        uint4 u;
-                        T e[E];
-                    } piece;
-                    piece.u = *reinterpret_cast<const uint4 *>(kp + c * E);
+                    float kf[E];
+                    piece_to_float<T>(*reinterpret_cast<const uint4 *>(kp + c * E), kf);
 #pragma unroll
-                    for (int e = 0; e < E; e++) s += qg[c * E + e] * to_float(piece.e[e]);
+                    for (int e = 0; e < E; e++) s += qg[c * E + e] * kf[e];
                 }
             }
             ps[g * kc + j] = s;
