@@ -268,7 +268,7 @@ DecodePlan make_plan(const based_sliding_window_args &a, bool kt) {
     const size_t per_slot = (size_t)(kt ? D : p.ds) * isz + (size_t)p.ds * isz + (size_t)p.gb * 4;
     int64_t kc = (int64_t)((kSmemBudget - off - 48) / per_slot) / 8 * 8;
     kc = std::min<int64_t>(kc, kChunkMax);
-    kc = std::min<int64_t>(kc, (a.window + 7) / 8 * 8);
+    if (a.window < kc) kc = (a.window + 7) / 8 * 8;  // (W + 7 would overflow for W near 2^63)
     kc = std::max<int64_t>(kc, 8);
     p.kc = (int)kc;
     p.off_k = take((size_t)(kt ? D : p.ds) * p.kc * isz);

@@ -89,6 +89,12 @@ __device__ __forceinline__ int clamp_to_int(int64_t x, int lo, int hi) {
     return x < lo ? lo : (x > hi ? hi : (int)x);
 }
 
+// First key column inside the window of a row at distance dpos = p - ts from the tile's first
+// key, clamped to [0, n]: max(0, dpos - (W - 1)), without forming dpos - W (W may be near 2^63).
+__device__ __forceinline__ int window_first_col(int64_t dpos, int64_t W, int n) {
+    return dpos <= W - 1 ? 0 : clamp_to_int(dpos - (W - 1), 0, n);
+}
+
 // NaN into the outputs rows t0 .. t0+rows-1 of head h of sequence b.
 template <typename T>
 __device__ void fill_nan_rows(const based_sliding_window_args &a, int64_t b, int64_t t0, int rows, int64_t h,
@@ -303,10 +309,10 @@ __global__ void __launch_bounds__(MmaConfig<DP>::threads, MmaConfig<DP>::min_blo
             for (int r = 0; r < 2; r++) {
                 const int64_t dpos = prow[r] - ts;
                 jhi[r] = clamp_to_int(dpos, -1, BN);
-                jlo[r] = clamp_to_int(dpos - W + 1, 0, BN);
+                jlo[r] = window_first_col(dpos, W, BN);
             }
             // 8-key blocks inside the window of some row of the warp
-            const int wmax = clamp_to_int(pw + 15 - ts, -1, BN), wmin = clamp_to_int(pw - W + 1 - ts, -8, BN);
+            const int wmax = clamp_to_int(pw + 15 - ts, -1, BN), wmin = window_first_col(pw - ts, W, BN);
             bool rel[NB];
 #pragma unroll
             for (int nb = 0; nb < NB; nb++) rel[nb] = nb * 8 <= wmax && nb * 8 + 7 >= wmin;
@@ -457,7 +463,7 @@ struct SimtConfig {
 };
 
 template <int DPC, int RPW>
-__global__ void __launch_bounds__(256) prefill_simt_kernel(const based_sliding_window_args a, int64_t q_tiles) {
+__global__ void __launch_bounds__(256, 2) prefill_simt_kernel(const based_sliding_window_args a, int64_t q_tiles) {
     using C = SimtConfig<DPC, RPW>;
     constexpr int NT = C::threads, BM = C::BM, BN = C::BN, DP = C::DP, KS = C::KS;
     extern __shared__ float smf[];
@@ -523,6 +529,7 @@ __global__ void __launch_bounds__(256) prefill_simt_kernel(const based_sliding_w
         float s[RPW];
 #pragma unroll
         for (int rr = 0; rr < RPW; rr++) s[rr] = 0.f;
+#pragma unroll 8
         for (int d = 0; d < DP; d++) {
             const float kd = Ks[lane * KS + d];
 #pragma unroll
@@ -534,7 +541,7 @@ __global__ void __launch_bounds__(256) prefill_simt_kernel(const based_sliding_w
             const int row = warp * RPW + rr;
             const int64_t dpos = p_first + row - ts;
             jhi[rr] = clamp_to_int(dpos, -1, BN);
-            jlo[rr] = clamp_to_int(dpos - W + 1, 0, BN);
+            jlo[rr] = window_first_col(dpos, W, BN);
             const bool in = lane >= jlo[rr] && lane <= jhi[rr];
             const float x = in ? s[rr] : -INFINITY;
             const float m_new = fmaxf(m_run[rr], warp_max(x));
@@ -548,6 +555,7 @@ __global__ void __launch_bounds__(256) prefill_simt_kernel(const based_sliding_w
             for (int c = 0; c < DPC; c++) acc[rr][c] *= corr;
         }
         __syncwarp();
+#pragma unroll 4
         for (int jj = 0; jj < BN; jj++) {
             float v[DPC];
 #pragma unroll
