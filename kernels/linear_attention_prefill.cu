@@ -447,10 +447,32 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
             for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
                 for (int ks = 0; ks < 4; ks++) {
-                    if (ks <= mi) {
+                    if (ks > mi) continue;
+                    // The diagonal block's masked weights are exact zeros, but 0 * inf or NaN
+                    // in a later token's value would reach earlier rows (SPEC 4: non-finite
+                    // inputs reach only the outputs they touch): such a block is summed
+                    // over the causal keys only.
+                    bool exact = false;
+                    if (ks == mi) {
+                        float x0, x1, x2, x3;
+                        unpack2<T>(fv[ks][0], x0, x1);
+                        unpack2<T>(fv[ks][1], x2, x3);
+                        const bool bad = !(isfinite(x0) && isfinite(x1) && isfinite(x2) && isfinite(x3));
+                        exact = __any_sync(0xffffffffu, bad);
+                    }
+                    if (!exact) {
                         uint32_t fa[4];
                         ldmatrix_x4(fa, a_base + (16 * mi * kPitch64 + 16 * ks) * E);
                         MmaType<T>::mma(o[mi], fa, fv[ks][0], fv[ks][1]);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int r = 16 * mi + g + (e >= 2 ? 8 : 0), j = col0 + 2 * t4 + (e & 1);
+                            float acc = 0.0f;
+                            for (int u = 16 * mi; u <= r; u++)
+                                acc += to_float(sA[r * kPitch64 + u]) * to_float(sV[u * kPitch64 + j]);
+                            o[mi][e] += acc;
+                        }
                     }
                 }
             }
