@@ -13,9 +13,11 @@ Environment knobs:
                         for the newest so later GPUs can JIT it.
   BASED_NVCC            path to nvcc (default: $CUDA_HOME/bin/nvcc, then PATH).
   BASED_WERROR=1        treat compiler warnings as errors (CI sets it).
+  BASED_BUILD_JOBS      nvcc processes at once (default: the number of cores).
   BASED_NATIVE=1        add -march=native (faster, not portable: local builds only).
 """
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -144,16 +146,24 @@ class BuildExt(build_ext):
         newest = max(archs, key=lambda a: int(a.rstrip("a")))
         gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         host = "-fPIC,-Wall,-Wextra,-fvisibility=hidden" + (",-Werror" if werror else "")
-        objects = []
+        commands, objects = [], []
         for src in sources:
             obj = out_dir / (src.stem + ".o")
             cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", host,
                    "-I", str(ROOT / "csrc"), "-I", str(ROOT / "kernels"), *gencode]
             if werror:
                 cmd += ["-Werror", "all-warnings"]
-            print("based: " + " ".join(cmd), file=sys.stderr)
-            subprocess.run(cmd, check=True)
+            commands.append(cmd)
             objects.append(str(obj))
+        # one nvcc per source file, as many at once as there are cores (BASED_BUILD_JOBS)
+        jobs = int(os.environ.get("BASED_BUILD_JOBS", "0")) or os.cpu_count() or 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            for cmd, result in zip(commands, pool.map(lambda c: subprocess.run(c, capture_output=True, text=True),
+                                                      commands)):
+                print("based: " + " ".join(cmd), file=sys.stderr)
+                sys.stderr.write(result.stdout + result.stderr)
+                if result.returncode != 0:
+                    raise SystemExit(f"based: nvcc failed on {cmd[2]} (exit {result.returncode})")
         return objects
 
 
