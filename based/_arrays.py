@@ -187,3 +187,40 @@ def device_name(device: tuple) -> str:
 
 def default_scale(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
+
+
+def stream_handle(stream, x) -> int | None:
+    """The CUDA stream a call on x's device runs on, as the integer DLPack passes
+    (``cudaStream_t``; 1 is the legacy default stream, 2 the per-thread default), or None
+    for a host call.
+
+    ``stream`` given: an int handle, or an object with ``.cuda_stream`` (torch.cuda.Stream)
+    or ``.ptr`` (cupy.cuda.Stream). Else x's library's current stream: torch's
+    ``torch.cuda.current_stream(x.device)`` for torch CUDA tensors (the capture stream while
+    a CUDA graph is being captured), CuPy's ``get_current_stream()`` for CuPy arrays, and
+    the legacy default stream for other CUDA arrays. Handle 0 (the NULL stream) is passed
+    as 1, its unambiguous DLPack name. Raises TypeError for anything else.
+    """
+    if stream is not None:
+        if isinstance(stream, bool):
+            raise TypeError("stream must be a CUDA stream (an int handle, torch.cuda.Stream or cupy Stream), got bool")
+        if isinstance(stream, int):
+            handle = stream
+        elif hasattr(stream, "cuda_stream"):
+            handle = int(stream.cuda_stream)
+        elif hasattr(stream, "ptr"):
+            handle = int(stream.ptr)
+        else:
+            raise TypeError(f"stream must be a CUDA stream (an int handle, torch.cuda.Stream or cupy Stream), "
+                            f"got {type(stream).__name__}")
+        if handle < 0:
+            raise ValueError(f"stream must be a non-negative handle, got {handle}")
+        return handle or 1
+    if is_torch(x):
+        if not x.is_cuda:
+            return None
+        return _torch().cuda.current_stream(x.device).cuda_stream or 1
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return cupy.cuda.get_current_stream().ptr or 1
+    return None

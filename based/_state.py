@@ -216,7 +216,7 @@ class RecurrentState:
         self._require_all_writable("reset")
         with self._in_use:
             for name in self._tensors:
-                _C.state_zero(self._t[name], idx, None)
+                _C.state_zero(self._t[name], idx, _arrays.stream_handle(None, self._t[name]))
         return self
 
     def copy_(self, other: "RecurrentState"):
@@ -245,7 +245,7 @@ class RecurrentState:
     def _copy_from(self, other: "RecurrentState") -> None:
         """The copy itself, all checks made and both flags held."""
         for name in self._tensors:
-            _C.state_copy(self._t[name], other._t[name], None)
+            _C.state_copy(self._t[name], other._t[name], _arrays.stream_handle(None, self._t[name]))
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
@@ -264,7 +264,7 @@ class RecurrentState:
         new = self._zeros_like_self(len(idx))
         with self._in_use:
             for name in self._tensors:
-                _C.state_gather(new._t[name], self._t[name], idx, None)
+                _C.state_gather(new._t[name], self._t[name], idx, _arrays.stream_handle(None, new._t[name]))
         return new
 
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract

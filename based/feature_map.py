@@ -22,7 +22,7 @@ def feature_dim(head_dim: int) -> int:
     return int(_C.feature_dim(dk))
 
 
-def taylor_feature_map(x, *, scale=None, out=None):
+def taylor_feature_map(x, *, scale=None, out=None, stream=None):
     """2nd-order Taylor feature map phi(x), compact (symmetric) order.
 
     ``phi(q) . phi(k) = 1 + s + s**2 / 2`` with ``s = scale * (q . k)``: the kernel of
@@ -41,6 +41,11 @@ def taylor_feature_map(x, *, scale=None, out=None):
         scale: positive finite float; default ``1 / sqrt(Dk)``.
         out: optional array of shape ``(..., F)`` with x's dtype and device, written in
             place; ``F = 1 + Dk + Dk(Dk+1)/2``. Must not overlap x.
+        stream: CUDA stream to run on (an int ``cudaStream_t`` handle, a
+            ``torch.cuda.Stream`` or a CuPy stream); default the current stream of the
+            inputs' library (PyTorch's ``torch.cuda.current_stream()``, CuPy's current
+            stream), else the legacy default stream. Ignored on the CPU. The call never
+            synchronises: results are ready in that stream's order.
 
     Returns:
         ``phi(x)`` of shape ``(..., F)`` and x's dtype, in x's array type (``out`` if given).
@@ -52,7 +57,7 @@ def taylor_feature_map(x, *, scale=None, out=None):
         ValueError: bad shapes (an output whose size would overflow 64-bit indexing is
             refused before it is allocated), a non-positive or non-finite scale, devices that
             differ, out overlapping x or itself, or a read-only out.
-        NotImplementedError: x is a CUDA array (this op has no CUDA kernel yet).
+        NotImplementedError: x is a CUDA array and based was built without CUDA.
     """
     _arrays.require_no_grad(x, "x")
     xi = _arrays.info(x, "x")
@@ -65,5 +70,5 @@ def taylor_feature_map(x, *, scale=None, out=None):
         shape = tuple(xi.shape[:-1]) + (feature_dim(dk),)
         _arrays.require_indexable("out", "(..., F)", shape, xi.dtype)
         out = _arrays.empty(x, shape, xi.dtype, xi.device)
-    _C.taylor_feature_map(x, out, scale, None)
+    _C.taylor_feature_map(x, out, scale, _arrays.stream_handle(stream, x))
     return out

@@ -171,7 +171,7 @@ class LinearAttentionState(RecurrentState):
         kv_e = _arrays.empty(self.kv, (b, h, rows, dv), dtype)
         ksum_e = _arrays.empty(self.ksum, (b, h, rows), dtype)
         with self._in_use:
-            _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e, None)
+            _C.linear_state_to_expanded(self.kv, self.ksum, kv_e, ksum_e, _arrays.stream_handle(None, self.kv))
         return kv_e, ksum_e
 
     @classmethod
@@ -205,7 +205,7 @@ class LinearAttentionState(RecurrentState):
         b, h, _, dv = (int(s) for s in ki.shape)
         new = cls.zeros(b, h, dk, dv, dtype=ki.dtype, scale=scale, like=kv if like is None else like,
                         device=None if like is not None else ki.device)
-        _C.linear_state_from_expanded(kv, ksum, new.kv, new.ksum, None)
+        _C.linear_state_from_expanded(kv, ksum, new.kv, new.ksum, _arrays.stream_handle(None, new.kv))
         return new
 
     # -- files ----------------------------------------------------------------------------
@@ -263,7 +263,8 @@ def _check_state_fits(state: LinearAttentionState, q, v, ndim: int) -> None:
                         "the inputs")
 
 
-def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None):
+def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True, eps=1e-6, out=None,
+                             stream=None):
     """Causal Taylor linear attention over a whole sequence, continuing ``state``.
 
     ``o_t = sum_{u<=t} K(q_t, k_u) v_u / (sum_{u<=t} K(q_t, k_u) + eps)`` with
@@ -284,6 +285,11 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
         normalize: divide by the normaliser (default True); False returns the numerator.
         eps: added to the normaliser, >= 0 (default 1e-6).
         out: optional ``(B, T, H, Dv)`` array of v's dtype to write into.
+        stream: CUDA stream to run on (an int ``cudaStream_t`` handle, a
+            ``torch.cuda.Stream`` or a CuPy stream); default the current stream of the
+            inputs' library (PyTorch's ``torch.cuda.current_stream()``, CuPy's current
+            stream), else the legacy default stream. Ignored on the CPU. The call never
+            synchronises: results are ready in that stream's order.
 
     Returns:
         ``(o, state)``: o ``(B, T, H, Dv)`` in v's dtype and array type (``out`` if given);
@@ -301,7 +307,7 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
             out or state. Nothing is written then.
         RuntimeError: ``state`` is in use by a call running in another thread (see
             ``LinearAttentionState``); nothing is written.
-        NotImplementedError: CUDA arrays (no CUDA kernel in this build yet).
+        NotImplementedError: CUDA arrays in a build of based without CUDA (no nvcc at build time).
     """
     qi = _arrays.float_input(q, "q", "(B, T, H, Dk)")
     _arrays.require_no_grad(k, "k")
@@ -323,11 +329,12 @@ def linear_attention_prefill(q, k, v, state=None, *, scale=None, normalize=True,
     if out is None:
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     with state._in_use:
-        _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0, None)
+        _C.linear_attention_prefill(q, k, v, state.kv, state.ksum, state.tokens, out, scale, normalize, eps, 0,
+                                    _arrays.stream_handle(stream, q))
     return out, state
 
 
-def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=None):
+def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=None, stream=None):
     """One decoding step: fold token (k, v) of every sequence into ``state``, then read it with q.
 
     ``kv += phi(k) v^T; ksum += phi(k); o = phi(q) kv / (phi(q) . ksum + eps)`` (SPEC 1.1,
@@ -339,6 +346,8 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
         state: the ``LinearAttentionState`` to update in place (``tokens += 1``).
         normalize, eps: as in ``linear_attention_prefill``.
         out: optional ``(B, H, Dv)`` array of v's dtype.
+        stream: as in ``linear_attention_prefill``. With ``out`` and an existing state a
+            CUDA decode allocates nothing and is CUDA-graph capturable.
 
     Returns:
         o ``(B, H, Dv)`` in v's dtype and array type (``out`` if given).
@@ -358,5 +367,6 @@ def linear_attention_decode(q, k, v, state, *, normalize=True, eps=1e-6, out=Non
         vi = _arrays.float_input(v, "v", "(B, H, Dv)")
         out = _arrays.empty(v, tuple(vi.shape), vi.dtype, vi.device)
     with state._in_use:
-        _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps, None)
+        _C.linear_attention_decode(q, k, v, state.kv, state.ksum, state.tokens, out, state.scale, normalize, eps,
+                                   _arrays.stream_handle(stream, q))
     return out

@@ -24,10 +24,16 @@ MAX_HEAD_DIM = _C.limits()["max_head_dim"]  # the C core's limit (based.h)
 
 def _key_ring(like, shape, dtype, device):
     """Zeros of shape (B, Hkv, W, D) whose memory is slot-contiguous, i.e. a view of a
-    row-major (B, Hkv, D, W) array: a decode step then reads each key dimension of the
+    row-major (B, Hkv, D, W) array: a CPU decode step then reads each key dimension of the
     window as one contiguous run, with no transpose. A based.Buffer (or another library's
-    array) has no strided views, so it stays row-major; the kernels take either."""
+    array) has no strided views, so it stays row-major; the CPU kernels take either. On a
+    CUDA device the ring is row-major too: the CUDA kernels read whole 16-byte pieces of
+    key rows and need unit stride along D."""
     b, h, w, d = shape
+    dev = _arrays.parse_device(device) if device is not None else (
+        _arrays.info(like, "like").device if like is not None else (_arrays.DLPACK_CPU, 0))
+    if dev[0] == _arrays.DLPACK_CUDA:
+        return _arrays.zeros(like, shape, dtype, device)
     k = _arrays.zeros(like, (b, h, d, w), dtype, device)
     if _arrays.is_torch(k):
         return k.transpose(2, 3)
@@ -213,7 +219,7 @@ def _require_cache(cache):
         raise TypeError(f"cache must be a based.SlidingWindowCache, got {type(cache).__name__}")
 
 
-def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=None):
+def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=None, stream=None):
     """Sliding-window softmax attention over a prompt (or the next chunk of one).
 
     ``o[b, t, h] = softmax_u(scale * q[b, t, h] . k[b, u, h // G]) @ v[b, u, h // G]``
@@ -240,6 +246,11 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
             trained with.
         out: optional ``(B, T, H, D)`` array with v's dtype, written in place; must not
             overlap the inputs or the cache.
+        stream: CUDA stream to run on (an int ``cudaStream_t`` handle, a
+            ``torch.cuda.Stream`` or a CuPy stream); default the current stream of the
+            inputs' library (PyTorch's ``torch.cuda.current_stream()``, CuPy's current
+            stream), else the legacy default stream. Ignored on the CPU. The call never
+            synchronises: results are ready in that stream's order.
 
     Returns:
         ``(o, cache)``: o in v's dtype and array type (``out`` if given); cache holds
@@ -255,7 +266,7 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
             overlapping an input, the cache or itself, a read-only out.
         RuntimeError: ``cache`` is in use by a call running in another thread (see
             ``SlidingWindowCache``).
-        NotImplementedError: CUDA arrays (the CUDA kernels are a separate issue).
+        NotImplementedError: CUDA arrays in a build of based without CUDA.
     On any error nothing is written: out and the cache keep every bit.
     """
     qi, ki, vi = _inputs(q, k, v, "(B, T, H, D)", "(B, T, Hkv, D)")
@@ -281,11 +292,12 @@ def sliding_window_prefill(q, k, v, *, window=None, scale=None, cache=None, out=
     if out is None:
         out = _arrays.empty(v, (batch, seqlen, heads, head_dim), vi.dtype, qi.device)
     with cache._in_use:
-        _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
+        _C.sliding_window_prefill(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale,
+                                  _arrays.stream_handle(stream, q))
     return out, cache
 
 
-def sliding_window_decode(q, k, v, cache, *, out=None):
+def sliding_window_decode(q, k, v, cache, *, out=None, stream=None):
     """One new token per sequence: store its key and value in the cache, then attend.
 
     The key and value go into ring slot ``tokens[b] % window`` (replacing the position that
@@ -297,6 +309,8 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
         cache: the ``SlidingWindowCache`` to read and update in place; its window and
             scale apply.
         out: optional ``(B, H, D)`` array with v's dtype, written in place.
+        stream: as in ``sliding_window_prefill``. With ``out`` a CUDA decode allocates
+            nothing and is CUDA-graph capturable.
 
     Returns:
         o: ``(B, H, D)``, v's dtype and array type (``out`` if given).
@@ -313,5 +327,6 @@ def sliding_window_decode(q, k, v, cache, *, out=None):
     if out is None:
         out = _arrays.empty(v, tuple(qi.shape), vi.dtype, qi.device)
     with cache._in_use:
-        _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
+        _C.sliding_window_decode(q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale,
+                                 _arrays.stream_handle(stream, q))
     return out

@@ -436,17 +436,6 @@ def test_cuda_buffer_zero_copy_with_torch():
     assert info[2][0] == 2
 
 
-@requires_cuda
-def test_cuda_tensor_gets_a_clear_not_implemented():
-    """An op whose CUDA kernel is still a stand-in in kernels/pending.cu (this test goes when
-    kernels/feature_map.cu lands)."""
-    x = torch.randn(3, 4, device="cuda")
-    out = poison(torch.empty(3, 15, device="cuda"))
-    with pytest.raises(NotImplementedError, match="taylor_feature_map: the CUDA kernel is not in this build yet"):
-        based.taylor_feature_map(x, out=out)
-    assert torch.isnan(out).all()
-
-
 # ---------------------------------------------------------------------------------------
 # Other array libraries (where installed: the GPU machine has CuPy and JAX)
 # ---------------------------------------------------------------------------------------
