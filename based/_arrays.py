@@ -121,6 +121,9 @@ def _as_library(like: Any, buf: Any) -> Any:
     if isinstance(like, np.ndarray):
         # numpy has no bfloat16: such arrays stay based.Buffer (torch.from_dlpack views them)
         return buf if buf.dtype == "bfloat16" else np.from_dlpack(buf)
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(like, cupy.ndarray):
+        return cupy.from_dlpack(buf)
     namespace = getattr(like, "__array_namespace__", None)
     if namespace is not None:
         try:

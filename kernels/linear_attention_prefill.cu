@@ -44,7 +44,7 @@
 // is small against the SM count (B = 1, T = 8192: 16 blocks), the tensor-core path
 // splits the sequence into S segments (a multiple of C tokens each):
 //   1. prefill_mma_kernel in MODE_STATE: each segment's contribution to KV and ksum,
-//      into a float32 scratch (cudaMallocAsync on the stream);
+//      into a float32 scratch (stream-ordered, from a memory pool of based's own);
 //   2. scan_segments_kernel: the state at the start of each segment (an exclusive scan
 //      from the initial state), and the final state written once;
 //   3. prefill_mma_kernel in MODE_OUTPUT: every segment's outputs from its start state.
@@ -52,6 +52,8 @@
 // Token counters: the kernels do not read them; tokens[b] += T is done once per b.
 #include <stdlib.h>
 #include <string.h>
+
+#include <mutex>
 
 #include "common.cuh"
 
@@ -75,6 +77,7 @@ struct PrefillLaunch {
     int64_t seg_len;    // tokens per segment (a multiple of the chunk)
     float *scratch_kv;  // [(b * H + h) * nseg + seg][F][Dv]
     float *scratch_ksum;// [(b * H + h) * nseg + seg][F]
+    int vec;            // q, k, v rows load as 16-byte vectors (see launch_mma_variant)
 };
 
 __device__ __forceinline__ float load_any(const char *p, based_dtype dt, int64_t i) {
@@ -336,23 +339,82 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
     const uint32_t phiq_base = smem_addr(sPhiQ) + (lrow16 * kPitchPhi + lcol16) * E;
     const uint32_t phik_base = smem_addr(sPhiK) + (trow * kPitchPhi + tcol) * E;
 
+    // Chunk loads. Vector path (L.vec: Dk = 16, 16-byte aligned rows, Dv % 8 == 0): a q or
+    // k row is two 16-byte pieces, a v tile row eight; thread tid loads piece tid of q (tid <
+    // 128) or k (tid >= 128) and pieces tid, tid + 256 of v -- three loads per thread, issued
+    // for the next chunk before this one is computed (registers, no extra shared memory).
+    // Scalar path: every element, all loads of a chunk issued before its stores.
+    const T *qrow = reinterpret_cast<const T *>(a.q.data), *krow = reinterpret_cast<const T *>(a.k.data);
+    const T *vrow = reinterpret_cast<const T *>(a.v.data);
+    uint4 pf_qk = {}, pf_v0 = {}, pf_v1 = {};
+    auto vec_load = [&](int64_t c0) {
+        const int64_t n = t_end - c0;
+        const int piece = tid & 127, t = piece >> 1, half = piece & 1;
+        const bool is_q = tid < 128;
+        const uint4 zero = {};
+        pf_qk = zero;
+        if (t < n && (outputs || !is_q)) {
+            const T *src = is_q ? qrow + BASED_AT3(a.q, b, c0 + t, h) : krow + BASED_AT3(a.k, b, c0 + t, h);
+            pf_qk = *reinterpret_cast<const uint4 *>(src + 8 * half);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int pv = tid + 256 * r, tv = pv >> 3, cv = (pv & 7) * 8;
+            uint4 x = zero;
+            if (tv < n && col_base + cv < Dv)
+                x = *reinterpret_cast<const uint4 *>(vrow + BASED_AT3(a.v, b, c0 + tv, h) + col_base + cv);
+            (r == 0 ? pf_v0 : pf_v1) = x;
+        }
+    };
+    auto vec_store = [&]() {
+        const int piece = tid & 127, t = piece >> 1, half = piece & 1;
+        T *dst = (tid < 128 ? sQ : sK) + t * kPitchQK + 8 * half;
+        *reinterpret_cast<uint4 *>(dst) = pf_qk;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int pv = tid + 256 * r, tv = pv >> 3, cv = (pv & 7) * 8;
+            *reinterpret_cast<uint4 *>(sV + tv * kPitch64 + cv) = r == 0 ? pf_v0 : pf_v1;
+        }
+    };
+    auto scalar_load_store = [&](int64_t c0) {
+        const int64_t n = t_end - c0;
+        T xq[4], xk[4], xv[16];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int e = tid + kMmaThreads * r, t = e / 16, d = e % 16;
+            const bool ok = t < n && d < dk;
+            xq[r] = ok && outputs ? qrow[BASED_AT3(a.q, b, c0 + t, h) + d] : T(0.0f);
+            xk[r] = ok ? krow[BASED_AT3(a.k, b, c0 + t, h) + d] : T(0.0f);
+        }
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            const int e = tid + kMmaThreads * r, t = e / 64, jj = e % 64;
+            const int64_t j = col_base + jj;
+            xv[r] = t < n && j < Dv ? vrow[BASED_AT3(a.v, b, c0 + t, h) + j] : T(0.0f);
+        }
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int e = tid + kMmaThreads * r, t = e / 16, d = e % 16;
+            sQ[t * kPitchQK + d] = xq[r];
+            sK[t * kPitchQK + d] = xk[r];
+        }
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            const int e = tid + kMmaThreads * r, t = e / 64, jj = e % 64;
+            sV[t * kPitch64 + jj] = xv[r];
+        }
+    };
+    if (L.vec && t_begin < t_end) vec_load(t_begin);
+
     float o[4][4];
     for (int64_t c0 = t_begin; c0 < t_end; c0 += kMmaChunk) {
         const int n = static_cast<int>(t_end - c0 < kMmaChunk ? t_end - c0 : kMmaChunk);
         __syncthreads(); // the previous chunk's reads of the staging buffers are done
-        // q, k: 64 x 16 (Dk zero-padded); v: 64 x 64 of this tile; invalid rows are 0
-        for (int e = tid; e < kMmaChunk * 16; e += kMmaThreads) {
-            const int t = e / 16, d = e % 16;
-            const bool ok = t < n && d < dk;
-            sQ[t * kPitchQK + d] =
-                ok && outputs ? reinterpret_cast<const T *>(a.q.data)[BASED_AT3(a.q, b, c0 + t, h) + d] : T(0.0f);
-            sK[t * kPitchQK + d] = ok ? reinterpret_cast<const T *>(a.k.data)[BASED_AT3(a.k, b, c0 + t, h) + d] : T(0.0f);
-        }
-        for (int e = tid; e < kMmaChunk * 64; e += kMmaThreads) {
-            const int t = e / 64, jj = e % 64;
-            const int64_t j = col_base + jj;
-            sV[t * kPitch64 + jj] =
-                t < n && j < Dv ? reinterpret_cast<const T *>(a.v.data)[BASED_AT3(a.v, b, c0 + t, h) + j] : T(0.0f);
+        if (L.vec) {
+            vec_store();
+            if (c0 + kMmaChunk < t_end) vec_load(c0 + kMmaChunk); // in flight while this chunk runs
+        } else {
+            scalar_load_store(c0);
         }
         __syncthreads();
 
@@ -817,6 +879,36 @@ inline Kernel pick_kernel(int device, based_dtype dtype, int64_t dk) {
     return Kernel::MmaSync;
 }
 
+// The segment states of the split prefill come from a memory pool of based's own per device
+// that keeps what it has allocated (release threshold: never), so that repeated prefills
+// reuse it instead of returning it to the driver at every synchronisation (the default
+// pool's behaviour, which costs an allocation per call). It holds at most the largest
+// scratch one call needed (~10 MB: about two blocks' states per SM).
+inline cudaError_t scratch_pool(int device, cudaMemPool_t *out) {
+    static std::mutex lock;
+    static cudaMemPool_t pools[kMaxDevices];
+    if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+    std::lock_guard<std::mutex> guard(lock);
+    if (pools[device] == nullptr) {
+        cudaMemPoolProps props = {};
+        props.allocType = cudaMemAllocationTypePinned;
+        props.location.type = cudaMemLocationTypeDevice;
+        props.location.id = device;
+        cudaMemPool_t pool = nullptr;
+        cudaError_t err = cudaMemPoolCreate(&pool, &props);
+        if (err != cudaSuccess) return err;
+        uint64_t keep = UINT64_MAX;
+        err = cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+        if (err != cudaSuccess) {
+            cudaMemPoolDestroy(pool);
+            return err;
+        }
+        pools[device] = pool;
+    }
+    *out = pools[device];
+    return cudaSuccess;
+}
+
 // Blocks per SM the tensor-core kernel is compiled for: 1 (232 registers, no spills) or
 // 2 (128 registers, a few spills). BASED_CUDA_PREFILL_BLOCKS=1|2 picks one (a tuning knob
 // for the benchmarks; the default is the faster one measured on the H200).
@@ -835,9 +927,16 @@ based_status launch_mma_variant(const based_linear_attention_args &a, cudaStream
     L.v_tiles = static_cast<int>(ceil_div<int64_t>(a.value_dim, kMmaTileCols));
     const int64_t heads_blocks = a.batch * a.heads * L.v_tiles;
     const int64_t chunks = ceil_div<int64_t>(a.seqlen, kMmaChunk);
-    // segments: enough blocks for two per SM, each segment at least 4 chunks
+    // q, k, v rows as 16-byte vectors: Dk = 16, aligned bases, strides in whole vectors
+    auto aligned = [](const based_tensor &t) {
+        return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.strides[0] % 8 == 0 && t.strides[1] % 8 == 0 &&
+               t.strides[2] % 8 == 0;
+    };
+    L.vec = a.feature_dim == 16 && a.value_dim % 8 == 0 && aligned(a.q) && aligned(a.k) && aligned(a.v);
+    // segments, when B*H*tiles leaves SMs idle: about two blocks per SM, each segment at
+    // least 4 chunks (the state pass costs ~40% of a full pass, so a full wave is not split)
     int64_t nseg = 1;
-    if (heads_blocks < 2 * static_cast<int64_t>(d.sms) && chunks >= 8 && d.pools) {
+    if (heads_blocks < static_cast<int64_t>(d.sms) && chunks >= 8 && d.pools) {
         nseg = ceil_div<int64_t>(2 * d.sms, heads_blocks);
         const int64_t most = chunks / 4;
         if (nseg > most) nseg = most;
@@ -861,8 +960,11 @@ based_status launch_mma_variant(const based_linear_attention_args &a, cudaStream
     const size_t kv_bytes = slots * static_cast<size_t>(a.feature_count * a.value_dim) * sizeof(float);
     const size_t ks_bytes = slots * static_cast<size_t>(a.feature_count) * sizeof(float);
     void *scratch = nullptr;
-    err = cudaMallocAsync(&scratch, kv_bytes + ks_bytes, stream);
-    if (err != cudaSuccess) return cuda_fail(err, op, "cudaMallocAsync of the segment states");
+    cudaMemPool_t pool = nullptr;
+    err = scratch_pool(a.device.id, &pool);
+    if (err != cudaSuccess) return cuda_fail(err, op, "creating the scratch memory pool");
+    err = cudaMallocFromPoolAsync(&scratch, kv_bytes + ks_bytes, pool, stream);
+    if (err != cudaSuccess) return cuda_fail(err, op, "allocating the segment states");
     L.scratch_kv = static_cast<float *>(scratch);
     L.scratch_ksum = reinterpret_cast<float *>(static_cast<char *>(scratch) + kv_bytes);
     const unsigned grid = static_cast<unsigned>(heads_blocks * L.nseg);

@@ -277,6 +277,7 @@ def _decode_pair(B, H, dk, dv, dtype, state_dtype, steps, seed, normalize=True):
     sc = based.LinearAttentionState.zeros(B, H, dk, dv, dtype=state_dtype, like=q.cpu())
     sc.kv.copy_(sg.kv.cpu())
     sc.ksum.copy_(sg.ksum.cpu())
+    sc.tokens.copy_(sg.tokens.cpu())
     outs_g, outs_c = [], []
     for t in range(30, 30 + steps):
         outs_g.append(based.linear_attention_decode(q[:, t], k[:, t], v[:, t], sg, normalize=normalize))

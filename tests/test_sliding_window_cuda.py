@@ -279,11 +279,17 @@ def test_ring_around_the_wrap(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, W", [(4, 4, 64, 64), (8, 2, 112, 7), (6, 1, 100, 65), (4, 4, 256, 1),
                                           (16, 1, 32, 300), (12, 1, 16, 130)])
-@pytest.mark.parametrize("layout", ["ring", "row-major"])
-def test_decode_after_prefill_matches_one_prefill(dtype, H, Hkv, D, W, layout):
+@pytest.mark.parametrize("kernel", ["warp", "block"])
+def test_decode_after_prefill_matches_one_prefill(dtype, H, Hkv, D, W, kernel, monkeypatch):
     """Prefill 20 positions, then decode through the ring's fill and wrap: each step's output is
     the corresponding row of one prefill over the whole sequence, and the cache and counters
-    after every step equal the CPU's."""
+    after every step equal the CPU's. Both decode kernels: the warp-per-head one (taken where
+    rows load as 16-byte pieces) and the block kernel (BASED_CUDA_WINDOW_DECODE=block)."""
+    if kernel == "block":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "block")
+    else:
+        monkeypatch.delenv("BASED_CUDA_WINDOW_DECODE", raising=False)
+    layout = "ring"
     B, T0, T = 3, 20, 90 if W < 90 else 40
     q, k, v = _inputs(B, T, H, Hkv, D, dtype, seed=H * D + W)
     if layout == "ring":
@@ -402,6 +408,13 @@ def test_writes_stay_inside_out_and_cache(dtype, layout):
     tokens = torch.zeros(B, dtype=torch.int64, device="cuda")
     cache = based.SlidingWindowCache({"k": kview, "v": vview, "tokens": tokens}, {"window": W, "scale": D**-0.5})
     obig, out = carve((B, T, H, D), float("nan"))
+    if layout == "ring":
+        # the CPU's slot-contiguous key ring is refused on CUDA (the kernels read whole key
+        # rows): a clear error, and nothing written
+        with pytest.raises(ValueError, match="k_cache must have unit stride"):
+            based.sliding_window_prefill(q[:, :T], k[:, :T], v[:, :T], cache=cache, out=out)
+        assert torch.isnan(obig).all() and (kview == 0).all() and (tokens == 0).all()
+        return
     o, _ = based.sliding_window_prefill(q[:, :T], k[:, :T], v[:, :T], cache=cache, out=out)
     assert o is out
     dbig, dout = carve((B, H, D), float("nan"))
@@ -471,7 +484,7 @@ def test_offsets_past_2_31_elements():
     if free < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
     H, Hkv, D, W, R = 16, 1, 64, 64, 64
-    T = 2**31 // (H * D) + 64
+    T = 2**31 // (H * D) + 2 * R
     g = torch.Generator(device="cuda").manual_seed(16)
     q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(1, T, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
