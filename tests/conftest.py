@@ -6,6 +6,8 @@
   byte_offset, a newer major version, odd dtypes) and the fields a hostile or buggy one
   may send (a huge or negative ndim, shape arrays that end at an unreadable guard page,
   a device that contradicts __dlpack_device__, deleters that run Python code).
+  ``ExchangeProducer`` hands the same tensors over through the DLPack C exchange table
+  (torch's fast path).
 * ``poison``: fill an output with NaN before a kernel call so an element the kernel
   forgets to write fails the comparison.
 """
@@ -256,7 +258,8 @@ class RawProducer:
             return guarded_int64s(values)
         return (ctypes.c_int64 * max(len(values), 1))(*values)
 
-    def _capsule(self):
+    def _managed(self):
+        """A new DLManagedTensor[Versioned] with this producer's fields (kept alive by self)."""
         a = self.array
         t = DLTensor()
         t.data = self.data if self.data is not None else (a.ctypes.data - self.byte_offset) % 2**64
@@ -291,7 +294,10 @@ class RawProducer:
         m.deleter = self._deleter
         self._keep.append(m)
         self.exported += 1
-        return _PyCapsule_New(ctypes.addressof(m), _NAMES[self.versioned],
+        return m
+
+    def _capsule(self):
+        return _PyCapsule_New(ctypes.addressof(self._managed()), _NAMES[self.versioned],
                               ctypes.cast(self._destructor, ctypes.c_void_p))
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
@@ -308,3 +314,54 @@ class LegacyOnlyProducer(RawProducer):
 
     def __dlpack__(self, stream=None):  # noqa: D401 - old signature on purpose
         return self._capsule()
+
+
+# The DLPack 1.3 C exchange table (csrc/dlpack.h): what torch publishes as
+# ``torch.Tensor.__dlpack_c_exchange_api__``; based's import calls
+# managed_tensor_from_py_object_no_sync instead of __dlpack__ for host memory.
+_FROM_PY_OBJECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(ctypes.c_void_p))
+
+
+class DLPackExchangeAPI(ctypes.Structure):
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("prev_api", ctypes.c_void_p),
+        ("managed_tensor_allocator", ctypes.c_void_p),
+        ("managed_tensor_from_py_object_no_sync", _FROM_PY_OBJECT),
+        ("managed_tensor_to_py_object_no_sync", ctypes.c_void_p),
+        ("dltensor_from_py_object_no_sync", ctypes.c_void_p),
+        ("current_work_stream", ctypes.c_void_p),
+    ]
+
+
+def _exchange_from_py_object(obj, out):
+    """managed_tensor_from_py_object_no_sync: an owning versioned tensor, built from obj's
+    fields like its capsules are. -1 (no exception: ctypes cannot leave one set) when obj
+    says ``exchange_fails``."""
+    if obj.exchange_fails:
+        return -1
+    m = obj._managed()
+    obj.exchanged += 1
+    out[0] = ctypes.addressof(m)
+    return 0
+
+
+_EXCHANGE_FROM_PY_OBJECT = _FROM_PY_OBJECT(_exchange_from_py_object)
+_EXCHANGE_NAME = b"dlpack_exchange_api"   # a capsule keeps a pointer to its name, not a copy
+_EXCHANGE_TABLE = DLPackExchangeAPI(version=DLPackVersion(1, 3), prev_api=None,
+                                    managed_tensor_from_py_object_no_sync=_EXCHANGE_FROM_PY_OBJECT)
+
+
+class ExchangeProducer(RawProducer):
+    """A RawProducer whose type also publishes the DLPack C exchange table, as torch does:
+    based takes host tensors through ``managed_tensor_from_py_object_no_sync`` (counted in
+    ``exchanged``; ``exported`` counts every tensor made, capsules included) and falls back
+    to ``__dlpack__`` for one it refuses. The hostile fields and deleters are RawProducer's;
+    ``exchange_fails=True`` makes the table's function fail."""
+
+    __dlpack_c_exchange_api__ = _PyCapsule_New(ctypes.addressof(_EXCHANGE_TABLE), _EXCHANGE_NAME, None)
+
+    def __init__(self, array, *, exchange_fails=False, **kw):
+        super().__init__(array, versioned=True, **kw)
+        self.exchange_fails = exchange_fails
+        self.exchanged = 0
