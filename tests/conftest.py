@@ -202,7 +202,8 @@ class RawProducer:
     strides, ``byte_offset`` moves data back by that many bytes (modulo 2**64), ``major``
     sets the version, ``code``/``bits``/``lanes`` the dtype, ``readonly`` the flag.
     Hostile fields: ``ndim`` claims another number of dimensions than the shape array
-    holds, ``shape`` replaces the shape values (``"null"``: a NULL shape pointer),
+    holds, ``shape`` replaces the exported shape values (``"null"``: a NULL shape
+    pointer; the ``shape`` attribute stays the array's, as array libraries have it),
     ``guard=True`` puts the shape and strides arrays right before an unreadable page
     (``guarded_int64s``), ``data`` replaces the data address, ``tensor_device`` writes
     another device into the DLTensor than ``device`` (what ``__dlpack_device__`` says).
@@ -227,7 +228,7 @@ class RawProducer:
         self.device = device
         self.accepts_max_version = accepts_max_version
         self.ndim = ndim
-        self.shape = shape
+        self.shape_field = shape
         self.guard = guard
         self.data = data
         self.tensor_device = tensor_device
@@ -250,6 +251,11 @@ class RawProducer:
 
         self._destructor = _CAPSULE_DESTRUCTOR(destructor)
 
+    @property
+    def shape(self):
+        """The array's shape, as array libraries have it (the exported one may differ)."""
+        return tuple(self.array.shape)
+
     def __dlpack_device__(self):
         return self.device
 
@@ -269,10 +275,10 @@ class RawProducer:
         kind = {"f": 2, "i": 0, "u": 1, "c": 5, "b": 6}[a.dtype.kind]
         t.dtype = DLDataType(self.code if self.code is not None else kind,
                              self.bits if self.bits is not None else a.dtype.itemsize * 8, self.lanes)
-        if isinstance(self.shape, str) and self.shape == "null":
+        if isinstance(self.shape_field, str) and self.shape_field == "null":
             t.shape = None
         else:
-            shape = self._int64s(a.shape if self.shape is None else self.shape)
+            shape = self._int64s(a.shape if self.shape_field is None else self.shape_field)
             t.shape = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
             self._keep.append(shape)
         if self.strides is None:
