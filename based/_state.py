@@ -41,8 +41,9 @@ FORMAT_NAME = "based-state"
 FORMAT_VERSION = 1
 
 
-def _dtype_name(a: Any, name: str = "array") -> str:
-    """a's dtype name ("float32", ...); DLPack errors name ``name``."""
+def _dtype_name(a: Any, name: str) -> str:
+    """a's dtype name ("float32", ...); DLPack errors name ``name`` (the argument or
+    state part a is, e.g. "state.kv")."""
     if _arrays.is_torch(a):
         return _arrays.torch_dtype_name(a.dtype)
     if isinstance(a, np.ndarray):
@@ -56,12 +57,13 @@ def _nbytes(a: Any) -> int:
     return int(a.nbytes)
 
 
-def _host_copy(a: Any) -> np.ndarray:
-    """A numpy copy of a host or CUDA array, float16/bfloat16 widened to float32 (exact)."""
+def _host_copy(a: Any, name: str) -> np.ndarray:
+    """A numpy copy of a host or CUDA array, float16/bfloat16 widened to float32 (exact);
+    DLPack errors name ``name``."""
     if _arrays.is_torch(a):
         a = a.detach().to("cpu")
-    name = _dtype_name(a)
-    wide = "float32" if name in ("float16", "bfloat16") else name
+    dtype = _dtype_name(a, name)
+    wide = "float32" if dtype in ("float16", "bfloat16") else dtype
     host = np.empty(tuple(a.shape), dtype=wide)
     _C.state_copy(host, a)
     return host
@@ -192,7 +194,8 @@ class RecurrentState:
     @property
     def device(self) -> str:
         """'cpu' or 'cuda:N'."""
-        return _arrays.device_name(_arrays.info(self._t[self._tensors[0]], "state").device)
+        first = self._tensors[0]
+        return _arrays.device_name(_arrays.info(self._t[first], self._part(first)).device)
 
     @property
     def nbytes(self) -> int:
@@ -270,11 +273,20 @@ class RecurrentState:
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _owner(self) -> str:
+        """What the user calls this object in messages: "state", or "cache" for a cache."""
+        return "cache" if type(self).__name__.endswith("Cache") else "state"
+
+    def _part(self, name: str) -> str:
+        """A tensor's name in DLPack errors, e.g. "state.kv", "cache.k" (as the ops name
+        the linear-attention state's tensors)."""
+        return f"{self._owner()}.{name}"
+
     def _require_fits(self, checks, inputs: str) -> None:
         """Name a mismatch between this state and a call's inputs in the user's terms, before
         the C core reports it as the shape of one of the state's tensors. checks: (what,
         the state's value, the inputs' value) triples; inputs: what holds the latter."""
-        owner = "cache" if type(self).__name__.endswith("Cache") else "state"
+        owner = self._owner()
         for what, have, got in checks:
             if int(got) != have:
                 raise ValueError(f"the {owner} was built for {what} = {have}, but {inputs} have {what} = {int(got)} "
@@ -292,7 +304,7 @@ class RecurrentState:
         grad-requiring part before the first write, so that a refused call changes nothing."""
         self._require_writable()
         for name, t in self._t.items():
-            if _arrays.readonly(t, f"{type(self).__name__}.{name}"):
+            if _arrays.readonly(t, self._part(name)):
                 raise ValueError(f"{op}: {type(self).__name__}.{name} is read-only (a numpy view with "
                                  f"flags.writeable False, or an array exported read-only), but {op} writes every "
                                  f"part of the state; nothing was changed")
@@ -305,11 +317,11 @@ class RecurrentState:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "class": type(self).__name__,
-            "dtypes": {name: _dtype_name(self._t[name]) for name in self._tensors},
+            "dtypes": {name: _dtype_name(self._t[name], self._part(name)) for name in self._tensors},
             "settings": self._s,
         }
         with self._in_use:
-            arrays = {name: _host_copy(self._t[name]) for name in self._tensors}
+            arrays = {name: _host_copy(self._t[name], self._part(name)) for name in self._tensors}
         arrays["__based_state__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(os.fspath(path), "wb") as f:      # an exact path: savez would append .npz
             np.savez(f, **arrays)
@@ -414,5 +426,6 @@ class RecurrentState:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}={tuple(self._t[n].shape)}" for n in self._tensors if n != "tokens")
         settings = ", ".join(f"{k}={v!r}" for k, v in self._s.items())
-        return f"{type(self).__name__}({shapes}, dtype={_dtype_name(self._t[self._tensors[0]])}, " \
+        first = self._tensors[0]
+        return f"{type(self).__name__}({shapes}, dtype={_dtype_name(self._t[first], self._part(first))}, " \
                f"device={self.device}, {settings})"

@@ -423,6 +423,38 @@ def test_newer_major_version_names_the_argument_at_every_entry():
         _C.dlpack_info(RawProducer(x, major=2), "state.kv")
 
 
+def _state_with(part, producer):
+    """A state (or cache) one of whose tensors is ``producer``: what a state built from
+    another library's arrays holds (the constructor is internal; the public ones allocate)."""
+    if part in ("kv", "ksum"):
+        tensors = {"kv": np.zeros((1, 1, 6, 3)), "ksum": np.zeros((1, 1, 6)), "tokens": np.zeros(1, np.int64)}
+        cls, settings = based.LinearAttentionState, {"scale": 0.5}
+    else:
+        tensors = {"k": np.zeros((1, 1, 3, 4)), "v": np.zeros((1, 1, 3, 4)), "tokens": np.zeros(1, np.int64)}
+        cls, settings = based.SlidingWindowCache, {"window": 3, "scale": 0.5}
+    tensors[part] = producer
+    return cls(tensors, settings)
+
+
+@pytest.mark.parametrize("part,name", [("kv", "state.kv"), ("k", "cache.k")])
+@pytest.mark.parametrize("method", ["repr", "device", "reset", "save", "clone"])
+def test_state_methods_name_the_part_in_dlpack_errors(part, name, method, tmp_path):
+    """The Python layer's own looks at a state's tensors (dtype, device, read-only flag)
+    name the part, as the ops do: before, these said "array" (or "state")."""
+    shape = (1, 1, 6, 3) if part == "kv" else (1, 1, 3, 4)
+    state = _state_with(part, RawProducer(np.zeros(shape), major=2))
+    call = {"repr": lambda: repr(state), "device": lambda: state.device, "reset": state.reset,
+            "save": lambda: state.save(tmp_path / "s.npz"), "clone": state.clone}[method]
+    with pytest.raises(TypeError, match=rf"^{name} was exported with DLPack 2.0; based reads major version 1$"):
+        call()
+
+
+def test_to_expanded_names_the_part():
+    state = _state_with("kv", RawProducer(np.zeros((1, 1, 6, 3)), lanes=2))
+    with pytest.raises(TypeError, match=r"^state.kv has DLPack dtype float64 with 2 lanes"):
+        state.to_expanded()
+
+
 def test_unsupported_device_names_the_argument():
     p = RawProducer(_x(), device=(4, 0))
     with pytest.raises(ValueError, match=r"^x is on DLPack device type 4 \(id 0\); based takes CPU and CUDA"):
