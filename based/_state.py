@@ -240,6 +240,7 @@ class RecurrentState:
             raise ValueError(f"copy_: other is on {other.device}, this {type(self).__name__} on {self.device}")
         for name, t in other._t.items():
             _arrays.require_no_grad(t, f"copy_: other's {type(self).__name__}.{name}")
+        other._require_readable("other's ")
         self._require_all_writable("copy_")
         with self._in_use, (contextlib.nullcontext() if other is self else other._in_use):
             self._copy_from(other)
@@ -252,6 +253,7 @@ class RecurrentState:
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
+        self._require_readable()
         new = self._zeros_like_self(self.batch)
         with self._in_use:
             new._copy_from(self)
@@ -264,6 +266,7 @@ class RecurrentState:
         anything is allocated). For an in-place reorder:
         ``state.copy_(state.index_select(order))``."""
         idx = as_indices(batch_indices, self.batch)
+        self._require_readable()
         new = self._zeros_like_self(len(idx))
         with self._in_use:
             for name in self._tensors:
@@ -291,6 +294,14 @@ class RecurrentState:
             if int(got) != have:
                 raise ValueError(f"the {owner} was built for {what} = {have}, but {inputs} have {what} = {int(got)} "
                                  f"({owner}: {self!r})")
+
+    def _require_readable(self, prefix: str = "") -> None:
+        """Import each part that is neither a torch tensor nor a numpy array once, so that a
+        DLPack protocol failure names it (``prefix`` + e.g. "state.ksum"), before the C state
+        helpers, which know their arguments only as dst and src, see it."""
+        for name, t in self._t.items():
+            if not (_arrays.is_torch(t) or isinstance(t, np.ndarray)):
+                _arrays.info(t, prefix + self._part(name))
 
     def _require_writable(self) -> None:
         """Kernels write the state in place: torch tensors that require grad are refused

@@ -426,7 +426,7 @@ def test_newer_major_version_names_the_argument_at_every_entry():
 def _state_with(part, producer):
     """A state (or cache) one of whose tensors is ``producer``: what a state built from
     another library's arrays holds (the constructor is internal; the public ones allocate)."""
-    if part in ("kv", "ksum"):
+    if part in ("kv", "ksum", "tokens"):
         tensors = {"kv": np.zeros((1, 1, 6, 3)), "ksum": np.zeros((1, 1, 6)), "tokens": np.zeros(1, np.int64)}
         cls, settings = based.LinearAttentionState, {"scale": 0.5}
     else:
@@ -445,6 +445,24 @@ def test_state_methods_name_the_part_in_dlpack_errors(part, name, method, tmp_pa
     state = _state_with(part, RawProducer(np.zeros(shape), major=2))
     call = {"repr": lambda: repr(state), "device": lambda: state.device, "reset": state.reset,
             "save": lambda: state.save(tmp_path / "s.npz"), "clone": state.clone}[method]
+    with pytest.raises(TypeError, match=rf"^{name} was exported with DLPack 2.0; based reads major version 1$"):
+        call()
+
+
+@pytest.mark.parametrize("part,name", [("ksum", "state.ksum"), ("v", "cache.v"), ("tokens", "state.tokens")])
+@pytest.mark.parametrize("method", ["reset", "save", "clone", "index_select", "copy_", "copy_-other"])
+def test_state_methods_name_every_part_in_dlpack_errors(part, name, method, tmp_path):
+    """Also a part other than the first, which only the C state helpers (whose own names
+    are dst and src) would otherwise import."""
+    shapes = {"ksum": (1, 1, 6), "v": (1, 1, 3, 4), "tokens": (1,)}
+    dtype = np.int64 if part == "tokens" else np.float64
+    state = _state_with(part, RawProducer(np.zeros(shapes[part], dtype), major=2))
+    healthy = _state_with(part, np.zeros(shapes[part], dtype))
+    call = {"reset": state.reset, "save": lambda: state.save(tmp_path / "s.npz"), "clone": state.clone,
+            "index_select": lambda: state.index_select([0]), "copy_": lambda: state.copy_(healthy),
+            "copy_-other": lambda: healthy.copy_(state)}[method]
+    if method == "copy_-other":
+        name = "other's " + name
     with pytest.raises(TypeError, match=rf"^{name} was exported with DLPack 2.0; based reads major version 1$"):
         call()
 
