@@ -236,11 +236,11 @@ class RecurrentState:
             a, b = self._t[name], other._t[name]
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"copy_: {name} has shape {tuple(b.shape)} in other, {tuple(a.shape)} here")
+        other._require_readable("other's ")
         if other.device != self.device:
             raise ValueError(f"copy_: other is on {other.device}, this {type(self).__name__} on {self.device}")
         for name, t in other._t.items():
             _arrays.require_no_grad(t, f"copy_: other's {type(self).__name__}.{name}")
-        other._require_readable("other's ")
         self._require_all_writable("copy_")
         with self._in_use, (contextlib.nullcontext() if other is self else other._in_use):
             self._copy_from(other)

@@ -449,12 +449,13 @@ def test_state_methods_name_the_part_in_dlpack_errors(part, name, method, tmp_pa
         call()
 
 
-@pytest.mark.parametrize("part,name", [("ksum", "state.ksum"), ("v", "cache.v"), ("tokens", "state.tokens")])
+@pytest.mark.parametrize("part,name", [("kv", "state.kv"), ("ksum", "state.ksum"), ("v", "cache.v"),
+                                       ("tokens", "state.tokens")])
 @pytest.mark.parametrize("method", ["reset", "save", "clone", "index_select", "copy_", "copy_-other"])
 def test_state_methods_name_every_part_in_dlpack_errors(part, name, method, tmp_path):
     """Also a part other than the first, which only the C state helpers (whose own names
     are dst and src) would otherwise import."""
-    shapes = {"ksum": (1, 1, 6), "v": (1, 1, 3, 4), "tokens": (1,)}
+    shapes = {"kv": (1, 1, 6, 3), "ksum": (1, 1, 6), "v": (1, 1, 3, 4), "tokens": (1,)}
     dtype = np.int64 if part == "tokens" else np.float64
     state = _state_with(part, RawProducer(np.zeros(shapes[part], dtype), major=2))
     healthy = _state_with(part, np.zeros(shapes[part], dtype))
