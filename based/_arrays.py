@@ -83,7 +83,7 @@ def float_input(x: Any, name: str, layout: str) -> ArrayInfo:
     return i
 
 
-def readonly(x: Any, name: str = "array") -> bool:
+def readonly(x: Any, name: str) -> bool:
     """True if x must not be written: a numpy array with ``flags.writeable`` False, or any
     other array exported with DLPack's read-only flag. (torch tensors have no such flag.)
     DLPack errors name ``name``."""

@@ -41,8 +41,9 @@ FORMAT_NAME = "based-state"
 FORMAT_VERSION = 1
 
 
-def _dtype_name(a: Any, name: str = "array") -> str:
-    """a's dtype name ("float32", ...); DLPack errors name ``name``."""
+def _dtype_name(a: Any, name: str) -> str:
+    """a's dtype name ("float32", ...); DLPack errors name ``name`` (the argument or
+    state part a is, e.g. "state.kv")."""
     if _arrays.is_torch(a):
         return _arrays.torch_dtype_name(a.dtype)
     if isinstance(a, np.ndarray):
@@ -56,12 +57,13 @@ def _nbytes(a: Any) -> int:
     return int(a.nbytes)
 
 
-def _host_copy(a: Any) -> np.ndarray:
-    """A numpy copy of a host or CUDA array, float16/bfloat16 widened to float32 (exact)."""
+def _host_copy(a: Any, name: str) -> np.ndarray:
+    """A numpy copy of a host or CUDA array, float16/bfloat16 widened to float32 (exact);
+    DLPack errors name ``name``."""
     if _arrays.is_torch(a):
         a = a.detach().to("cpu")
-    name = _dtype_name(a)
-    wide = "float32" if name in ("float16", "bfloat16") else name
+    dtype = _dtype_name(a, name)
+    wide = "float32" if dtype in ("float16", "bfloat16") else dtype
     host = np.empty(tuple(a.shape), dtype=wide)
     _C.state_copy(host, a, None)
     return host
@@ -192,7 +194,8 @@ class RecurrentState:
     @property
     def device(self) -> str:
         """'cpu' or 'cuda:N'."""
-        return _arrays.device_name(_arrays.info(self._t[self._tensors[0]], "state").device)
+        first = self._tensors[0]
+        return _arrays.device_name(_arrays.info(self._t[first], self._part(first)).device)
 
     @property
     def nbytes(self) -> int:
@@ -233,6 +236,7 @@ class RecurrentState:
             a, b = self._t[name], other._t[name]
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"copy_: {name} has shape {tuple(b.shape)} in other, {tuple(a.shape)} here")
+        other._require_readable("other's ")
         if other.device != self.device:
             raise ValueError(f"copy_: other is on {other.device}, this {type(self).__name__} on {self.device}")
         for name, t in other._t.items():
@@ -249,6 +253,7 @@ class RecurrentState:
 
     def clone(self):
         """A deep copy with new memory of the same array type, device and dtype."""
+        self._require_readable()
         new = self._zeros_like_self(self.batch)
         with self._in_use:
             new._copy_from(self)
@@ -261,6 +266,7 @@ class RecurrentState:
         anything is allocated). For an in-place reorder:
         ``state.copy_(state.index_select(order))``."""
         idx = as_indices(batch_indices, self.batch)
+        self._require_readable()
         new = self._zeros_like_self(len(idx))
         with self._in_use:
             for name in self._tensors:
@@ -270,15 +276,32 @@ class RecurrentState:
     def _zeros_like_self(self, batch: int):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _owner(self) -> str:
+        """What the user calls this object in messages: "state", or "cache" for a cache."""
+        return "cache" if type(self).__name__.endswith("Cache") else "state"
+
+    def _part(self, name: str) -> str:
+        """A tensor's name in DLPack errors, e.g. "state.kv", "cache.k" (as the ops name
+        the linear-attention state's tensors)."""
+        return f"{self._owner()}.{name}"
+
     def _require_fits(self, checks, inputs: str) -> None:
         """Name a mismatch between this state and a call's inputs in the user's terms, before
         the C core reports it as the shape of one of the state's tensors. checks: (what,
         the state's value, the inputs' value) triples; inputs: what holds the latter."""
-        owner = "cache" if type(self).__name__.endswith("Cache") else "state"
+        owner = self._owner()
         for what, have, got in checks:
             if int(got) != have:
                 raise ValueError(f"the {owner} was built for {what} = {have}, but {inputs} have {what} = {int(got)} "
                                  f"({owner}: {self!r})")
+
+    def _require_readable(self, prefix: str = "") -> None:
+        """Import each part that is neither a torch tensor nor a numpy array once, so that a
+        DLPack protocol failure names it (``prefix`` + e.g. "state.ksum"), before the C state
+        helpers, which know their arguments only as dst and src, see it."""
+        for name, t in self._t.items():
+            if not (_arrays.is_torch(t) or isinstance(t, np.ndarray)):
+                _arrays.info(t, prefix + self._part(name))
 
     def _require_writable(self) -> None:
         """Kernels write the state in place: torch tensors that require grad are refused
@@ -292,7 +315,7 @@ class RecurrentState:
         grad-requiring part before the first write, so that a refused call changes nothing."""
         self._require_writable()
         for name, t in self._t.items():
-            if _arrays.readonly(t, f"{type(self).__name__}.{name}"):
+            if _arrays.readonly(t, self._part(name)):
                 raise ValueError(f"{op}: {type(self).__name__}.{name} is read-only (a numpy view with "
                                  f"flags.writeable False, or an array exported read-only), but {op} writes every "
                                  f"part of the state; nothing was changed")
@@ -305,11 +328,11 @@ class RecurrentState:
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "class": type(self).__name__,
-            "dtypes": {name: _dtype_name(self._t[name]) for name in self._tensors},
+            "dtypes": {name: _dtype_name(self._t[name], self._part(name)) for name in self._tensors},
             "settings": self._s,
         }
         with self._in_use:
-            arrays = {name: _host_copy(self._t[name]) for name in self._tensors}
+            arrays = {name: _host_copy(self._t[name], self._part(name)) for name in self._tensors}
         arrays["__based_state__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with open(os.fspath(path), "wb") as f:      # an exact path: savez would append .npz
             np.savez(f, **arrays)
@@ -414,5 +437,6 @@ class RecurrentState:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{n}={tuple(self._t[n].shape)}" for n in self._tensors if n != "tokens")
         settings = ", ".join(f"{k}={v!r}" for k, v in self._s.items())
-        return f"{type(self).__name__}({shapes}, dtype={_dtype_name(self._t[self._tensors[0]])}, " \
+        first = self._tensors[0]
+        return f"{type(self).__name__}({shapes}, dtype={_dtype_name(self._t[first], self._part(first))}, " \
                f"device={self.device}, {settings})"

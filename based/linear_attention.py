@@ -150,8 +150,8 @@ class LinearAttentionState(RecurrentState):
     def _zeros_like_self(self, batch: int) -> "LinearAttentionState":
         # like the token counter: it always has the array type the state was made with (kv
         # may be a based.Buffer where that library lacks the dtype, e.g. numpy bfloat16)
-        return type(self).zeros(batch, self.heads, self.feature_dim, self.value_dim, dtype=_dtype_name(self.kv),
-                                scale=self.scale, like=self._t["tokens"])
+        return type(self).zeros(batch, self.heads, self.feature_dim, self.value_dim,
+                                dtype=_dtype_name(self.kv, "state.kv"), scale=self.scale, like=self._t["tokens"])
 
     # -- the paper code's expanded layout ----------------------------------------------
 
@@ -167,7 +167,7 @@ class LinearAttentionState(RecurrentState):
         b, h, _, dv = (int(s) for s in self.kv.shape)
         dk = self.feature_dim
         rows = 1 + dk + dk * dk
-        dtype = _dtype_name(self.kv)
+        dtype = _dtype_name(self.kv, "state.kv")
         kv_e = _arrays.empty(self.kv, (b, h, rows, dv), dtype)
         ksum_e = _arrays.empty(self.ksum, (b, h, rows), dtype)
         with self._in_use:

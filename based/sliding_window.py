@@ -156,7 +156,7 @@ class SlidingWindowCache(RecurrentState):
     def _zeros_like_self(self, batch: int):
         k = self._t["k"]
         # like the token counter: it always has the array type the cache was made with
-        return type(self).zeros(batch, self.kv_heads, self.window, self.head_dim, dtype=_dtype_name(k),
+        return type(self).zeros(batch, self.kv_heads, self.window, self.head_dim, dtype=_dtype_name(k, "cache.k"),
                                 device=self.device, scale=self.scale, like=self._t["tokens"])
 
     @property

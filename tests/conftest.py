@@ -6,6 +6,8 @@
   byte_offset, a newer major version, odd dtypes) and the fields a hostile or buggy one
   may send (a huge or negative ndim, shape arrays that end at an unreadable guard page,
   a device that contradicts __dlpack_device__, deleters that run Python code).
+  ``ExchangeProducer`` hands the same tensors over through the DLPack C exchange table
+  (torch's fast path).
 * ``poison``: fill an output with NaN before a kernel call so an element the kernel
   forgets to write fails the comparison.
 """
@@ -200,7 +202,8 @@ class RawProducer:
     strides, ``byte_offset`` moves data back by that many bytes (modulo 2**64), ``major``
     sets the version, ``code``/``bits``/``lanes`` the dtype, ``readonly`` the flag.
     Hostile fields: ``ndim`` claims another number of dimensions than the shape array
-    holds, ``shape`` replaces the shape values (``"null"``: a NULL shape pointer),
+    holds, ``shape`` replaces the exported shape values (``"null"``: a NULL shape
+    pointer; the ``shape`` attribute stays the array's, as array libraries have it),
     ``guard=True`` puts the shape and strides arrays right before an unreadable page
     (``guarded_int64s``), ``data`` replaces the data address, ``tensor_device`` writes
     another device into the DLTensor than ``device`` (what ``__dlpack_device__`` says).
@@ -225,7 +228,7 @@ class RawProducer:
         self.device = device
         self.accepts_max_version = accepts_max_version
         self.ndim = ndim
-        self.shape = shape
+        self.shape_field = shape
         self.guard = guard
         self.data = data
         self.tensor_device = tensor_device
@@ -248,6 +251,11 @@ class RawProducer:
 
         self._destructor = _CAPSULE_DESTRUCTOR(destructor)
 
+    @property
+    def shape(self):
+        """The array's shape, as array libraries have it (the exported one may differ)."""
+        return tuple(self.array.shape)
+
     def __dlpack_device__(self):
         return self.device
 
@@ -256,7 +264,8 @@ class RawProducer:
             return guarded_int64s(values)
         return (ctypes.c_int64 * max(len(values), 1))(*values)
 
-    def _capsule(self):
+    def _managed(self):
+        """A new DLManagedTensor[Versioned] with this producer's fields (kept alive by self)."""
         a = self.array
         t = DLTensor()
         t.data = self.data if self.data is not None else (a.ctypes.data - self.byte_offset) % 2**64
@@ -266,10 +275,10 @@ class RawProducer:
         kind = {"f": 2, "i": 0, "u": 1, "c": 5, "b": 6}[a.dtype.kind]
         t.dtype = DLDataType(self.code if self.code is not None else kind,
                              self.bits if self.bits is not None else a.dtype.itemsize * 8, self.lanes)
-        if isinstance(self.shape, str) and self.shape == "null":
+        if isinstance(self.shape_field, str) and self.shape_field == "null":
             t.shape = None
         else:
-            shape = self._int64s(a.shape if self.shape is None else self.shape)
+            shape = self._int64s(a.shape if self.shape_field is None else self.shape_field)
             t.shape = ctypes.cast(shape, ctypes.POINTER(ctypes.c_int64))
             self._keep.append(shape)
         if self.strides is None:
@@ -291,7 +300,10 @@ class RawProducer:
         m.deleter = self._deleter
         self._keep.append(m)
         self.exported += 1
-        return _PyCapsule_New(ctypes.addressof(m), _NAMES[self.versioned],
+        return m
+
+    def _capsule(self):
+        return _PyCapsule_New(ctypes.addressof(self._managed()), _NAMES[self.versioned],
                               ctypes.cast(self._destructor, ctypes.c_void_p))
 
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
@@ -308,3 +320,54 @@ class LegacyOnlyProducer(RawProducer):
 
     def __dlpack__(self, stream=None):  # noqa: D401 - old signature on purpose
         return self._capsule()
+
+
+# The DLPack 1.3 C exchange table (csrc/dlpack.h): what torch publishes as
+# ``torch.Tensor.__dlpack_c_exchange_api__``; based's import calls
+# managed_tensor_from_py_object_no_sync instead of __dlpack__ for host memory.
+_FROM_PY_OBJECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(ctypes.c_void_p))
+
+
+class DLPackExchangeAPI(ctypes.Structure):
+    _fields_ = [
+        ("version", DLPackVersion),
+        ("prev_api", ctypes.c_void_p),
+        ("managed_tensor_allocator", ctypes.c_void_p),
+        ("managed_tensor_from_py_object_no_sync", _FROM_PY_OBJECT),
+        ("managed_tensor_to_py_object_no_sync", ctypes.c_void_p),
+        ("dltensor_from_py_object_no_sync", ctypes.c_void_p),
+        ("current_work_stream", ctypes.c_void_p),
+    ]
+
+
+def _exchange_from_py_object(obj, out):
+    """managed_tensor_from_py_object_no_sync: an owning versioned tensor, built from obj's
+    fields like its capsules are. -1 (no exception: ctypes cannot leave one set) when obj
+    says ``exchange_fails``."""
+    if obj.exchange_fails:
+        return -1
+    m = obj._managed()
+    obj.exchanged += 1
+    out[0] = ctypes.addressof(m)
+    return 0
+
+
+_EXCHANGE_FROM_PY_OBJECT = _FROM_PY_OBJECT(_exchange_from_py_object)
+_EXCHANGE_NAME = b"dlpack_exchange_api"   # a capsule keeps a pointer to its name, not a copy
+_EXCHANGE_TABLE = DLPackExchangeAPI(version=DLPackVersion(1, 3), prev_api=None,
+                                    managed_tensor_from_py_object_no_sync=_EXCHANGE_FROM_PY_OBJECT)
+
+
+class ExchangeProducer(RawProducer):
+    """A RawProducer whose type also publishes the DLPack C exchange table, as torch does:
+    based takes host tensors through ``managed_tensor_from_py_object_no_sync`` (counted in
+    ``exchanged``; ``exported`` counts every tensor made, capsules included) and falls back
+    to ``__dlpack__`` for one it refuses. The hostile fields and deleters are RawProducer's;
+    ``exchange_fails=True`` makes the table's function fail."""
+
+    __dlpack_c_exchange_api__ = _PyCapsule_New(ctypes.addressof(_EXCHANGE_TABLE), _EXCHANGE_NAME, None)
+
+    def __init__(self, array, *, exchange_fails=False, **kw):
+        super().__init__(array, versioned=True, **kw)
+        self.exchange_fails = exchange_fails
+        self.exchanged = 0

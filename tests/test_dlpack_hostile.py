@@ -21,7 +21,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import RawProducer, requires_guard_pages, requires_torch, torch
+from conftest import ExchangeProducer, RawProducer, requires_guard_pages, requires_torch, torch
 
 import based
 from based import _C
@@ -74,7 +74,7 @@ def _outcomes_in_child(cases: str) -> dict:
         import numpy as np
         import based
         from based import _C
-        from conftest import RawProducer
+        from conftest import ExchangeProducer, RawProducer
     """).format(tests=TESTS) + textwrap.dedent(cases) + textwrap.dedent("""
         for label, call in cases:
             try:
@@ -234,6 +234,58 @@ def test_valid_but_unsupported_dtypes_still_reach_the_ops_check():
     assert _freed(p)
 
 
+def test_the_exchange_api_fast_path_is_taken_for_a_valid_tensor():
+    """The control for the fast-path tests below: a valid host tensor comes through the C
+    exchange table, not __dlpack__, and is given back once."""
+    x = _x()
+    p = ExchangeProducer(x)
+    assert _C.dlpack_info(p, "x") == ((2, 3), "float64", (1, 0), False)
+    out = np.zeros((2, 10))
+    assert _C.taylor_feature_map(p, out, 1.0) is None
+    np.testing.assert_allclose(out, ref.taylor_feature_map(x, 1.0), rtol=1e-12)
+    assert p.exchanged == p.exported == 2 and _freed(p)
+    f = ExchangeProducer(x, exchange_fails=True)      # a failing table: __dlpack__ instead
+    assert _C.dlpack_info(f, "x")[0] == (2, 3) and f.exchanged == 0 and f.exported == 1 and _freed(f)
+
+
+@requires_guard_pages
+def test_the_exchange_api_fast_path_checks_every_field():
+    """A tensor handed over through the C exchange table (torch's fast path) is checked like
+    a capsule's: before the fix the fast path took it unchecked, and dlpack_info read
+    shape[0..1000) into the guard page, or the op read from and wrote to addresses past
+    the top of the address space (SIGSEGV). Refused, it is given back at once and
+    __dlpack__ is asked instead, whose refusal names the argument."""
+    got = _outcomes_in_child("""
+        import gc
+        x = np.ones((2, 3))
+        made = []
+        def producer(a, **kw):
+            made.append(ExchangeProducer(a, **kw))
+            return made[-1]
+        cases = [
+            ("info-1000", lambda: _C.dlpack_info(producer(x, guard=True, ndim=1000), "q")),
+            ("info-neg", lambda: _C.dlpack_info(producer(x, ndim=-1), "q")),
+            ("info-lanes", lambda: _C.dlpack_info(producer(x, lanes=4), "q")),
+            ("api-1000", lambda: based.taylor_feature_map(producer(x, guard=True, ndim=1000))),
+            ("read", lambda: _C.taylor_feature_map(producer(x, data=2**64 - 16), np.zeros((2, 10)), 1.0)),
+            ("write", lambda: _C.taylor_feature_map(x, producer(np.zeros((2, 10)), data=2**64 - 64), 1.0)),
+            ("counts", lambda: (gc.collect(), [(p.exchanged, p.exported, p.deleted) for p in made])[1]),
+        ]
+    """)
+    ndim = "ValueError: {}: DLTensor.ndim is {}; based takes 0 to 16 dimensions"
+    assert got["info-1000"] == ndim.format("q", 1000), got
+    assert got["info-neg"] == ndim.format("q", -1), got
+    assert got["info-lanes"] == "TypeError: q has DLPack dtype float64 with 4 lanes; based takes one element per " \
+                               "lane (lanes = 1)", got
+    assert got["api-1000"] == ndim.format("x", 1000), got
+    wraps = "ValueError: {}: its elements span {} bytes from data + byte_offset = 0x{:x}, which wraps around " \
+            "the address space"
+    assert got["read"] == wraps.format("x", 48, 2**64 - 16), got
+    assert got["write"] == wraps.format("out", 160, 2**64 - 64), got
+    # each: one tensor through the table, refused and deleted; one capsule, refused and freed
+    assert got["counts"] == repr([(1, 2, 2)] * 6), got
+
+
 # ---------------------------------------------------------------------------------------
 # Item 4: the pending error survives every release; each tensor is released once
 # ---------------------------------------------------------------------------------------
@@ -337,6 +389,19 @@ def test_exchange_api_fast_path_releases_once_under_a_pending_error():
         assert x._use_count() == before
 
 
+@pytest.mark.parametrize("on_delete", [None, _python_work], ids=["counting-deleter", "deleter-calls-based"])
+def test_exchange_api_tensor_released_once_under_a_later_arguments_error(on_delete):
+    """The earlier argument came through the C exchange table and its deleter is Python
+    code: the later argument's error survives its release (before the fix: SystemError)."""
+    p = ExchangeProducer(np.ones((2, 3)), on_delete=on_delete)
+    for _ in range(3):
+        with pytest.raises(TypeError, match=r"^out must be an array"):
+            _C.taylor_feature_map(p, [1.0, 2.0], 1.0)
+        with pytest.raises(ValueError, match=r"^out must have shape"):
+            _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0)
+    assert p.exchanged == p.exported == 6 and _freed(p)
+
+
 # ---------------------------------------------------------------------------------------
 # Item 9: protocol failures name the argument
 # ---------------------------------------------------------------------------------------
@@ -359,6 +424,57 @@ def test_newer_major_version_names_the_argument_at_every_entry():
                                                  np.zeros((1, 1, 7)))
     with pytest.raises(TypeError, match=r"^state.kv was exported with DLPack 2.0"):
         _C.dlpack_info(RawProducer(x, major=2), "state.kv")
+
+
+def _state_with(part, producer):
+    """A state (or cache) one of whose tensors is ``producer``: what a state built from
+    another library's arrays holds (the constructor is internal; the public ones allocate)."""
+    if part in ("kv", "ksum", "tokens"):
+        tensors = {"kv": np.zeros((1, 1, 6, 3)), "ksum": np.zeros((1, 1, 6)), "tokens": np.zeros(1, np.int64)}
+        cls, settings = based.LinearAttentionState, {"scale": 0.5}
+    else:
+        tensors = {"k": np.zeros((1, 1, 3, 4)), "v": np.zeros((1, 1, 3, 4)), "tokens": np.zeros(1, np.int64)}
+        cls, settings = based.SlidingWindowCache, {"window": 3, "scale": 0.5}
+    tensors[part] = producer
+    return cls(tensors, settings)
+
+
+@pytest.mark.parametrize("part,name", [("kv", "state.kv"), ("k", "cache.k")])
+@pytest.mark.parametrize("method", ["repr", "device", "reset", "save", "clone"])
+def test_state_methods_name_the_part_in_dlpack_errors(part, name, method, tmp_path):
+    """The Python layer's own looks at a state's tensors (dtype, device, read-only flag)
+    name the part, as the ops do: before, these said "array" (or "state")."""
+    shape = (1, 1, 6, 3) if part == "kv" else (1, 1, 3, 4)
+    state = _state_with(part, RawProducer(np.zeros(shape), major=2))
+    call = {"repr": lambda: repr(state), "device": lambda: state.device, "reset": state.reset,
+            "save": lambda: state.save(tmp_path / "s.npz"), "clone": state.clone}[method]
+    with pytest.raises(TypeError, match=rf"^{name} was exported with DLPack 2.0; based reads major version 1$"):
+        call()
+
+
+@pytest.mark.parametrize("part,name", [("kv", "state.kv"), ("ksum", "state.ksum"), ("v", "cache.v"),
+                                       ("tokens", "state.tokens")])
+@pytest.mark.parametrize("method", ["reset", "save", "clone", "index_select", "copy_", "copy_-other"])
+def test_state_methods_name_every_part_in_dlpack_errors(part, name, method, tmp_path):
+    """Also a part other than the first, which only the C state helpers (whose own names
+    are dst and src) would otherwise import."""
+    shapes = {"kv": (1, 1, 6, 3), "ksum": (1, 1, 6), "v": (1, 1, 3, 4), "tokens": (1,)}
+    dtype = np.int64 if part == "tokens" else np.float64
+    state = _state_with(part, RawProducer(np.zeros(shapes[part], dtype), major=2))
+    healthy = _state_with(part, np.zeros(shapes[part], dtype))
+    call = {"reset": state.reset, "save": lambda: state.save(tmp_path / "s.npz"), "clone": state.clone,
+            "index_select": lambda: state.index_select([0]), "copy_": lambda: state.copy_(healthy),
+            "copy_-other": lambda: healthy.copy_(state)}[method]
+    if method == "copy_-other":
+        name = "other's " + name
+    with pytest.raises(TypeError, match=rf"^{name} was exported with DLPack 2.0; based reads major version 1$"):
+        call()
+
+
+def test_to_expanded_names_the_part():
+    state = _state_with("kv", RawProducer(np.zeros((1, 1, 6, 3)), lanes=2))
+    with pytest.raises(TypeError, match=r"^state.kv has DLPack dtype float64 with 2 lanes"):
+        state.to_expanded()
 
 
 def test_unsupported_device_names_the_argument():

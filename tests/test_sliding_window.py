@@ -70,13 +70,13 @@ def new_cache(k, batch, kv_heads, window, head_dim, scale=None):
 
 def prefill(impl, q, k, v, cache, out=None):
     if out is None:
-        out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
+        out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v, "v")))
     IMPLS[impl][0](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out
 
 
 def decode(impl, q, k, v, cache):
-    out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v)))
+    out = poison(based._arrays.empty(v, tuple(q.shape), based._state._dtype_name(v, "v")))
     IMPLS[impl][1](q, k, v, cache.k, cache.v, cache.tokens, out, cache.window, cache.scale, None)
     return out
 
