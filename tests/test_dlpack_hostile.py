@@ -241,7 +241,7 @@ def test_the_exchange_api_fast_path_is_taken_for_a_valid_tensor():
     p = ExchangeProducer(x)
     assert _C.dlpack_info(p, "x") == ((2, 3), "float64", (1, 0), False)
     out = np.zeros((2, 10))
-    assert _C.taylor_feature_map(p, out, 1.0) is None
+    assert _C.taylor_feature_map(p, out, 1.0, None) is None
     np.testing.assert_allclose(out, ref.taylor_feature_map(x, 1.0), rtol=1e-12)
     assert p.exchanged == p.exported == 2 and _freed(p)
     f = ExchangeProducer(x, exchange_fails=True)      # a failing table: __dlpack__ instead
@@ -267,8 +267,8 @@ def test_the_exchange_api_fast_path_checks_every_field():
             ("info-neg", lambda: _C.dlpack_info(producer(x, ndim=-1), "q")),
             ("info-lanes", lambda: _C.dlpack_info(producer(x, lanes=4), "q")),
             ("api-1000", lambda: based.taylor_feature_map(producer(x, guard=True, ndim=1000))),
-            ("read", lambda: _C.taylor_feature_map(producer(x, data=2**64 - 16), np.zeros((2, 10)), 1.0)),
-            ("write", lambda: _C.taylor_feature_map(x, producer(np.zeros((2, 10)), data=2**64 - 64), 1.0)),
+            ("read", lambda: _C.taylor_feature_map(producer(x, data=2**64 - 16), np.zeros((2, 10)), 1.0, None)),
+            ("write", lambda: _C.taylor_feature_map(x, producer(np.zeros((2, 10)), data=2**64 - 64), 1.0, None)),
             ("counts", lambda: (gc.collect(), [(p.exchanged, p.exported, p.deleted) for p in made])[1]),
         ]
     """)
@@ -396,9 +396,9 @@ def test_exchange_api_tensor_released_once_under_a_later_arguments_error(on_dele
     p = ExchangeProducer(np.ones((2, 3)), on_delete=on_delete)
     for _ in range(3):
         with pytest.raises(TypeError, match=r"^out must be an array"):
-            _C.taylor_feature_map(p, [1.0, 2.0], 1.0)
+            _C.taylor_feature_map(p, [1.0, 2.0], 1.0, None)
         with pytest.raises(ValueError, match=r"^out must have shape"):
-            _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0)
+            _C.taylor_feature_map(p, np.zeros((2, 9)), 1.0, None)
     assert p.exchanged == p.exported == 6 and _freed(p)
 
 
