@@ -224,9 +224,10 @@ class RecurrentState:
 
     def copy_(self, other: "RecurrentState"):
         """Copy other's state into this one in place (same class, settings and shapes;
-        float dtypes may differ and are converted). Every part is checked before the first
-        write (a read-only or grad-requiring part, another call running on either state
-        refuse the whole copy). Returns self."""
+        float dtypes may differ and are converted; other may be on another device, CPU or
+        GPU: such a copy is staged through host memory and synchronises). Every part is
+        checked before the first write (a read-only or grad-requiring part, another call
+        running on either state refuse the whole copy). Returns self."""
         if type(other) is not type(self):
             raise TypeError(f"copy_: expected a {type(self).__name__}, got {type(other).__name__}")
         for key in self._settings:
@@ -237,8 +238,6 @@ class RecurrentState:
             if tuple(a.shape) != tuple(b.shape):
                 raise ValueError(f"copy_: {name} has shape {tuple(b.shape)} in other, {tuple(a.shape)} here")
         other._require_readable("other's ")
-        if other.device != self.device:
-            raise ValueError(f"copy_: other is on {other.device}, this {type(self).__name__} on {self.device}")
         for name, t in other._t.items():
             _arrays.require_no_grad(t, f"copy_: other's {type(self).__name__}.{name}")
         self._require_all_writable("copy_")

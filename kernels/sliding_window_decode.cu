@@ -41,8 +41,6 @@
 //   is small next to the loads. B = 1: 16 blocks, one load round trip plus ~1 us of
 //   arithmetic, then the 1-thread-per-sequence counter launch.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "sliding_window.cuh"
 
@@ -240,121 +238,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const based_sliding_wi
 
 // ---- host side ----------------------------------------------------------------------------
 
-// ---- the warp kernel: one warp per query head ------------------------------------------
-//
-// For rows that load as whole 16-byte pieces (D a multiple of 16 / sizeof(T), 16-byte aligned
-// rows of k, v and the row-major cache) and W <= kWarpMaxWindow. A warp takes one (b, h): its
-// lanes take keys j = lane, lane + 32, ... of the L valid slots and load whole key rows into
-// registers (all pieces of a row in flight at once), the scores go to the warp's shared memory,
-// the softmax statistics come from shuffles, and for P V each lane owns dims 2 lane + 64 i,
-// so the warp reads each value row as one coalesced run. No __syncthreads: the warps of a
-// block are independent; the heads of a GQA group read the same ring (from L2 after the
-// first). The new key and value come from the call's k and v, and the warp of the group's
-// first query head stores them in slot n % W (no warp reads that slot from the cache).
-constexpr int kWarpHeads = 4;           // warps (query heads) per block
-constexpr int64_t kWarpMaxWindow = 2048;
-constexpr int kWarpQStride = 256;       // floats of q per warp
-
-template <typename T>
-__global__ void __launch_bounds__(32 * kWarpHeads) decode_warp_kernel(const based_sliding_window_args a) {
-    constexpr int E = 16 / sizeof(T);
-    extern __shared__ float wsm[];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t gh = (int64_t)blockIdx.x * kWarpHeads + warp;
-    if (gh >= a.batch * a.heads) return;  // a whole warp: nothing below waits for it
-    const int64_t W = a.window, G = a.heads / a.kv_heads;
-    float *const qs = wsm + (int64_t)warp * (kWarpQStride + W);
-    float *const ps = qs + kWarpQStride;
-    const int64_t b = gh / a.heads, h = gh % a.heads, hk = h / G;
-    const int D = (int)a.head_dim;
-    T *const out = row_ptr_mut<T>(a.out, b, 0, h);
-    const int64_t n = tokens_at(a.tokens, b);
-    if (!counter_valid(n, 1)) {
-        for (int d = lane; d < D; d += 32) out[d] = nan_value<T>();
-        return;
-    }
-    const int64_t slot = n % W, L = n + 1 < W ? n + 1 : W;
-    const T *const q = row_ptr<T>(a.q, b, 0, h);
-    const T *const knew = row_ptr<T>(a.k, b, 0, hk);
-    const T *const vnew = row_ptr<T>(a.v, b, 0, hk);
-    const float scale = (float)a.scale;
-    for (int d = lane; d < D; d += 32) qs[d] = to_float(q[d]) * scale;
-    __syncwarp();
-    // scores
-    float m = -INFINITY;
-    for (int64_t j = lane; j < L; j += 32) {
-        const T *kr = j == slot ? knew : row_ptr<T>(a.k_cache, b, hk, j);
-        float s = 0.0f;
-#pragma unroll 8
-        for (int d0 = 0; d0 < D; d0 += E) {
-            const uint4 u = *reinterpret_cast<const uint4 *>(kr + d0);
-            float f[E];
-            piece_to_float<T>(u, f);
-#pragma unroll
-            for (int e = 0; e < E; e++) s = fmaf(f[e], qs[d0 + e], s);
-        }
-        ps[j] = s;
-        m = fmaxf(m, s);
-    }
-    m = warp_max(m);
-    float l = 0.0f;
-    for (int64_t j = lane; j < L; j += 32) {
-        const float e = expf(ps[j] - m);
-        ps[j] = e;
-        l += e;
-    }
-    l = warp_sum(l);
-    __syncwarp();
-    // P V: lane owns dims 2 lane + 64 i (D is even here)
-    float acc[4][2] = {};
-#pragma unroll 4
-    for (int64_t j = 0; j < L; j++) {
-        const float p = ps[j];
-        const T *vr = j == slot ? vnew : row_ptr<T>(a.v_cache, b, hk, j);
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int d = 2 * lane + 64 * i;
-            if (d < D) {
-                acc[i][0] = fmaf(p, to_float(vr[d]), acc[i][0]);
-                acc[i][1] = fmaf(p, to_float(vr[d + 1]), acc[i][1]);
-            }
-        }
-    }
-    const float inv = 1.0f / l;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const int d = 2 * lane + 64 * i;
-        if (d < D) {
-            out[d] = from_float<T>(acc[i][0] * inv);
-            out[d + 1] = from_float<T>(acc[i][1] * inv);
-        }
-    }
-    if (h % G == 0) {  // the group's first head stores the new key and value, bit for bit
-        T *kd = row_ptr_mut<T>(a.k_cache, b, hk, slot), *vd = row_ptr_mut<T>(a.v_cache, b, hk, slot);
-        for (int d0 = lane * E; d0 < D; d0 += 32 * E) {
-            *reinterpret_cast<uint4 *>(kd + d0) = *reinterpret_cast<const uint4 *>(knew + d0);
-            *reinterpret_cast<uint4 *>(vd + d0) = *reinterpret_cast<const uint4 *>(vnew + d0);
-        }
-    }
-}
-
-// Whether the warp kernel takes this call (see above); BASED_CUDA_WINDOW_DECODE=block keeps
-// the block kernel (the tests run both).
-template <typename T>
-bool warp_kernel_fits(const based_sliding_window_args &a) {
-    constexpr int E = 16 / sizeof(T);
-    const char *env = getenv("BASED_CUDA_WINDOW_DECODE");
-    if (env != nullptr && strcmp(env, "block") == 0) return false;
-    auto rows16 = [](const based_tensor &t, int nstrides) {
-        if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0 || t.strides[3] != 1) return false;
-        for (int i = 0; i < nstrides; i++)
-            if (t.strides[i] % E != 0) return false;
-        return true;
-    };
-    return a.head_dim % E == 0 && a.head_dim % 2 == 0 && a.window <= kWarpMaxWindow && a.heads > 0 &&
-           rows16(a.k_cache, 3) && rows16(a.v_cache, 3) && rows16(a.k, 3) && rows16(a.v, 3);
-}
-
 const char *const kOp = "sliding_window_decode";
 
 template <typename T>
@@ -423,18 +306,7 @@ extern "C" based_status based_cuda_sliding_window_decode(const based_sliding_win
     BASED_CUDA_DEVICE(a.device.id, kOp);
     return dispatch_float(a.k.dtype, kOp, [&](auto tag) -> based_status {
         using T = decltype(tag);
-        based_status st;
-        if (warp_kernel_fits<T>(a)) {
-            const int64_t warps = a.batch * a.heads, blocks = (warps + kWarpHeads - 1) / kWarpHeads;
-            if (blocks > INT32_MAX)
-                return based_fail(BASED_STATUS_NOT_IMPLEMENTED, "%s: B*H = %lld needs more thread blocks than the "
-                                  "CUDA kernel supports", kOp, (long long)warps);
-            const size_t smem = (size_t)kWarpHeads * (kWarpQStride + a.window) * sizeof(float);
-            decode_warp_kernel<T><<<(unsigned)blocks, 32 * kWarpHeads, smem, stream>>>(a);
-            st = check_launch(kOp);
-        } else {
-            st = launch_decode<T>(a, stream);  // also with H == 0: it stores k, v
-        }
+        const based_status st = launch_decode<T>(a, stream);  // also with H == 0: it stores k, v
         if (st != BASED_STATUS_OK) return st;
         return launch_ring_and_tokens<T>(a, stream, false, 1, kOp);
     });

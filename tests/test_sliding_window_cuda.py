@@ -279,17 +279,11 @@ def test_ring_around_the_wrap(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H, Hkv, D, W", [(4, 4, 64, 64), (8, 2, 112, 7), (6, 1, 100, 65), (4, 4, 256, 1),
                                           (16, 1, 32, 300), (12, 1, 16, 130)])
-@pytest.mark.parametrize("kernel", ["warp", "block"])
-def test_decode_after_prefill_matches_one_prefill(dtype, H, Hkv, D, W, kernel, monkeypatch):
+@pytest.mark.parametrize("layout", ["ring", "row-major"])
+def test_decode_after_prefill_matches_one_prefill(dtype, H, Hkv, D, W, layout):
     """Prefill 20 positions, then decode through the ring's fill and wrap: each step's output is
     the corresponding row of one prefill over the whole sequence, and the cache and counters
-    after every step equal the CPU's. Both decode kernels: the warp-per-head one (taken where
-    rows load as 16-byte pieces) and the block kernel (BASED_CUDA_WINDOW_DECODE=block)."""
-    if kernel == "block":
-        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "block")
-    else:
-        monkeypatch.delenv("BASED_CUDA_WINDOW_DECODE", raising=False)
-    layout = "ring"
+    after every step equal the CPU's."""
     B, T0, T = 3, 20, 90 if W < 90 else 40
     q, k, v = _inputs(B, T, H, Hkv, D, dtype, seed=H * D + W)
     if layout == "ring":
