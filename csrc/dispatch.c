@@ -13,7 +13,7 @@
  * based_cpu_kernel_isa, which CPU kernels an op runs.
  */
 #include "internal.h"
-#include "linear_internal.h"
+#include "linear_attention.h"
 #include "ops.h"
 #include "sliding_window.h"
 

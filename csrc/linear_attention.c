@@ -3,7 +3,7 @@
  * Eq. 4 and Sec. 5.2): argument checks, the chunked prefill and the one-pass decode.
  *
  * This file moves data: it gathers strided inputs of any dtype into per-thread
- * workspaces in the compute type, hands them to the kernels of linear_kernels.h, and
+ * workspaces in the compute type, hands them to the kernels of linear_attention_kernel.h, and
  * scatters the results back. Work is split over (batch, head) with OpenMP.
  *
  * Precision: the compute type is float64 when the inputs or the state are float64, else
@@ -17,7 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "linear_internal.h"
+#include "linear_attention.h"
 
 based_linear_attention_params based_linear_attention_params_default(int64_t head_dim) {
     based_linear_attention_params p;

@@ -13,7 +13,7 @@
  */
 #include <stdlib.h>
 
-#include "linear_internal.h"
+#include "linear_attention.h"
 
 /* phi(x) of SPEC 1.1 in the compact order: [1, sqrt(scale) x_i, then for i <= j:
  * scale/sqrt(2) x_i^2 (i == j) or scale x_i x_j (i < j)]. */

@@ -10,7 +10,7 @@
  */
 #include <stdio.h>
 
-#include "linear_internal.h"
+#include "linear_attention.h"
 
 /* Dk with 1 + Dk + Dk(Dk+1)/2 == F (compact) or 1 + Dk + Dk^2 == F (expanded), else -1. */
 static int64_t dk_from_rows(int64_t F, int expanded) {

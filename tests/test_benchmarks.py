@@ -28,7 +28,7 @@ def string_constants(path):
 
 
 def test_there_are_benchmark_scripts():
-    assert any(os.path.basename(p) == "bench_linear_cpu.py" for p in SCRIPTS)
+    assert any(os.path.basename(p) == "bench_linear_attention_cpu.py" for p in SCRIPTS)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)

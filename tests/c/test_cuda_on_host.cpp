@@ -540,7 +540,7 @@ static based_tensor as_tensor(const Tensor &x) {
     return t;
 }
 
-static void test_linear_state_convert() {
+static void test_linear_attention_state_convert() {
     const based_dtype dts[] = {BASED_DTYPE_FLOAT32, BASED_DTYPE_FLOAT16, BASED_DTYPE_BFLOAT16};
     const double r2 = sqrt(0.5);
     for (int64_t dk : {1, 2, 3, 5, 16})
@@ -716,7 +716,7 @@ int main() {
     test_copy_same_device();
     test_gather();
     test_copy_across_devices();
-    test_linear_state_convert();
+    test_linear_attention_state_convert();
     test_feature_map();
     if (failures == 0) printf("test_cuda_on_host: all checks passed\n");
     else fprintf(stderr, "test_cuda_on_host: %d checks failed\n", failures);

@@ -1,9 +1,9 @@
 """Sliding-window attention on the CPU: based against PyTorch, and against the machine's own
 limits, measured in the same run.
 
-    python benchmarks/bench_window_cpu.py               # the full run (~3 minutes), all cores
-    python benchmarks/bench_window_cpu.py --threads 1   # one core
-    python benchmarks/bench_window_cpu.py --quick       # small sizes, a few seconds
+    python benchmarks/bench_sliding_window_cpu.py               # the full run (~3 minutes), all cores
+    python benchmarks/bench_sliding_window_cpu.py --threads 1   # one core
+    python benchmarks/bench_sliding_window_cpu.py --quick       # small sizes, a few seconds
 
 Prefill: based.sliding_window_prefill against torch.nn.functional.scaled_dot_product_attention
 with a boolean band mask (the exact same function, SPEC 1.2): what a PyTorch user has on the

@@ -1,17 +1,18 @@
 /*
- * linear_internal.h -- what the Taylor linear-attention files share: the per-thread
+ * linear_attention.h -- what the Taylor linear-attention files share: the per-thread
  * workspace of the chunked prefill, and the table of CPU kernels chosen at run time
- * (portable C, or the same C compiled for AVX2+FMA; see linear_kernels.h).
+ * (portable C, or the same C compiled for AVX2+FMA; see linear_attention_kernel.h).
  *
- *   linear_attention.c      the check, the prefill/decode drivers (dtype/stride handling), kernel choice
- *   linear_kernels.h        the hot loops, written once, included per (type, ISA)
- *   linear_kernels.c        portable instantiation (what any x86-64/ARM compiler emits by default)
- *   linear_kernels_avx2.c   AVX2+FMA instantiation (GCC on x86), picked when the CPU has both
- *   linear_attention_ref.c  plain-loop reference twins (*_ref)
- *   linear_state.c          compact <-> expanded (273-row) state conversion
+ *   linear_attention.c              the check, the prefill/decode drivers (dtype/stride handling),
+ *                                   kernel choice
+ *   linear_attention_kernel.h       the hot loops, written once, included per (type, ISA)
+ *   linear_attention_kernel.c       portable instantiation (what any x86-64/ARM compiler emits)
+ *   linear_attention_kernel_avx2.c  AVX2+FMA instantiation (GCC on x86), picked when the CPU has both
+ *   linear_attention_ref.c          plain-loop reference twins (*_ref)
+ *   linear_state.c                  compact <-> expanded (273-row) state conversion
  */
-#ifndef BASED_LINEAR_INTERNAL_H
-#define BASED_LINEAR_INTERNAL_H
+#ifndef BASED_LINEAR_ATTENTION_H
+#define BASED_LINEAR_ATTENTION_H
 
 #include "internal.h"
 #include "ops.h"
@@ -82,4 +83,4 @@ extern const based_lin_kernels based_lin_kernels_avx2;
  * kernels (tests use it to cover both); it is read once per process. */
 const based_lin_kernels *based_lin_kernels_pick(void);
 
-#endif /* BASED_LINEAR_INTERNAL_H */
+#endif /* BASED_LINEAR_ATTENTION_H */

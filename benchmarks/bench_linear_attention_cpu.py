@@ -1,9 +1,9 @@
 """Taylor linear attention on the CPU: based against PyTorch-CPU forms and the NumPy
 reference, measured in one run, plus the machine's own limits measured alongside.
 
-    python benchmarks/bench_linear_cpu.py               # the full run (~3 minutes), all cores
-    python benchmarks/bench_linear_cpu.py --threads 1   # one core (steadier on a shared machine)
-    python benchmarks/bench_linear_cpu.py --quick       # fewer repeats, no float64 reference
+    python benchmarks/bench_linear_attention_cpu.py               # the full run (~3 minutes), all cores
+    python benchmarks/bench_linear_attention_cpu.py --threads 1   # one core (steadier on a shared machine)
+    python benchmarks/bench_linear_attention_cpu.py --quick       # fewer repeats, no float64 reference
 
 Prefill (B=1, T=2048, H=16, Dk=16, Dv=64, float32 unless stated):
   * based.linear_attention_prefill (chunked, C core) and its plain-loop C twin (*_ref)

@@ -1,5 +1,5 @@
 /*
- * linear_kernels.h -- the hot loops of Taylor linear attention, written once in plain C
+ * linear_attention_kernel.h -- the hot loops of Taylor linear attention, written once in plain C
  * and included by each instantiation with these macros defined:
  *
  *   LK_REAL         compute type (float or double)
