@@ -45,6 +45,10 @@ F = 1 + DK + DK * (DK + 1) // 2
 
 
 def commit() -> str:
+    """The commit measured: $BASED_COMMIT when set (a copy of the tree without git history),
+    else git's HEAD."""
+    if os.environ.get("BASED_COMMIT"):
+        return os.environ["BASED_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=HERE).stdout.strip() or "unknown"
