@@ -103,6 +103,27 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
+// ---- element access by a runtime dtype (states may differ from the inputs' dtype) -------
+
+// Element i of a float32/float16/bfloat16 array at p, as float.
+__device__ __forceinline__ float load_as_float(const char *p, based_dtype dt, int64_t i) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT16: return __half2float(reinterpret_cast<const __half *>(p)[i]);
+    case BASED_DTYPE_BFLOAT16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]);
+    default: return reinterpret_cast<const float *>(p)[i];
+    }
+}
+
+// Element i of a float32/float16/bfloat16 array at p = x, rounded to nearest even.
+__device__ __forceinline__ void store_from_float(char *p, based_dtype dt, int64_t i, float x) {
+    switch (dt) {
+    case BASED_DTYPE_FLOAT16: reinterpret_cast<__half *>(p)[i] = __float2half_rn(x); break;
+    case BASED_DTYPE_BFLOAT16: reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(x); break;
+    default: reinterpret_cast<float *>(p)[i] = x; break;
+    }
+}
+
+
 }  // namespace based
 
 #endif  // BASED_COMMON_CUH

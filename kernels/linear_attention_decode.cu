@@ -20,7 +20,7 @@
 //
 // Nothing is allocated and nothing synchronises: the launch is CUDA-graph capturable.
 // tokens[b] += 1 is done by the block of head 0 (no block reads the counters).
-#include "common.cuh"
+#include "linear_attention.cuh"
 
 namespace based {
 namespace {
@@ -34,23 +34,6 @@ struct DecodeGeometry {
     int rows_per_pass;  // rows the block covers at once
     int64_t chunk_cols; // columns per chunk = col_vectors * vec
 };
-
-// Element j of a state row of runtime dtype `dt` (float32/float16/bfloat16) as float.
-__device__ __forceinline__ float load_state(const char *p, based_dtype dt, int64_t i) {
-    switch (dt) {
-    case BASED_DTYPE_FLOAT16: return __half2float(reinterpret_cast<const __half *>(p)[i]);
-    case BASED_DTYPE_BFLOAT16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]);
-    default: return reinterpret_cast<const float *>(p)[i];
-    }
-}
-
-__device__ __forceinline__ void store_state(char *p, based_dtype dt, int64_t i, float x) {
-    switch (dt) {
-    case BASED_DTYPE_FLOAT16: reinterpret_cast<__half *>(p)[i] = __float2half_rn(x); break;
-    case BASED_DTYPE_BFLOAT16: reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(x); break;
-    default: reinterpret_cast<float *>(p)[i] = x; break;
-    }
-}
 
 // VEC consecutive elements of type S at p (16-byte aligned when VEC > 1) as floats.
 template <typename S, int VEC>
@@ -126,8 +109,8 @@ linear_attention_decode_kernel(const based_linear_attention_args a, const Decode
     float den = 0.0f;
     for (int64_t f = tid; f < F; f += kThreads) {
         const int64_t off = f * a.ksum.strides[2];
-        const float z = load_state(ksum, a.ksum.dtype, off) + phik[f];
-        store_state(ksum, a.ksum.dtype, off, z);
+        const float z = load_as_float(ksum, a.ksum.dtype, off) + phik[f];
+        store_from_float(ksum, a.ksum.dtype, off, z);
         den += phiq[f] * z;
     }
     den = warp_sum(den);
@@ -193,11 +176,6 @@ linear_attention_decode_kernel(const based_linear_attention_args a, const Decode
         __syncthreads();
     }
     if (h == 0 && tid == 0) reinterpret_cast<int64_t *>(a.tokens.data)[b * a.tokens.strides[0]] += 1;
-}
-
-__global__ void tokens_add_kernel(based_tensor tokens, int64_t batch, int64_t n) {
-    const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (b < batch) reinterpret_cast<int64_t *>(tokens.data)[b * tokens.strides[0]] += n;
 }
 
 template <typename T, typename S>

@@ -55,7 +55,7 @@
 
 #include <mutex>
 
-#include "common.cuh"
+#include "linear_attention.cuh"
 
 namespace based {
 namespace {
@@ -79,22 +79,6 @@ struct PrefillLaunch {
     float *scratch_ksum;// [(b * H + h) * nseg + seg][F]
     int vec;            // q, k, v rows load as 16-byte vectors (see launch_mma_variant)
 };
-
-__device__ __forceinline__ float load_any(const char *p, based_dtype dt, int64_t i) {
-    switch (dt) {
-    case BASED_DTYPE_FLOAT16: return __half2float(reinterpret_cast<const __half *>(p)[i]);
-    case BASED_DTYPE_BFLOAT16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16 *>(p)[i]);
-    default: return reinterpret_cast<const float *>(p)[i];
-    }
-}
-
-__device__ __forceinline__ void store_any(char *p, based_dtype dt, int64_t i, float x) {
-    switch (dt) {
-    case BASED_DTYPE_FLOAT16: reinterpret_cast<__half *>(p)[i] = __float2half_rn(x); break;
-    case BASED_DTYPE_BFLOAT16: reinterpret_cast<__nv_bfloat16 *>(p)[i] = __float2bfloat16_rn(x); break;
-    default: reinterpret_cast<float *>(p)[i] = x; break;
-    }
-}
 
 // The compact feature f as (i, j, coefficient): phi(x)[f] = coef * x_i * x_j, where an
 // index of kNone stands for 1 (SPEC 1.1 order). f >= F gives coefficient 0.
@@ -124,11 +108,6 @@ __device__ inline void feature_of(int f, int dk, float scale, int *i_out, int *j
         *j_out = i + r;
         *coef = r == 0 ? scale / sqrtf(2.0f) : scale;
     }
-}
-
-__global__ void tokens_add_kernel(based_tensor tokens, int64_t batch, int64_t n) {
-    const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (b < batch) reinterpret_cast<int64_t *>(tokens.data)[b * tokens.strides[0]] += n;
 }
 
 // ---- tensor-core kernel: mma.sync.m16n8k16 --------------------------------------------
@@ -282,7 +261,7 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
             const int64_t j = col_base + col0 + 2 * t4 + (e & 1);
             if (mt < f_tiles && f < F && j < Dv) {
                 if (L.mode == MODE_FULL)
-                    kv[mt][e] = load_any(a.kv.data, a.kv.dtype,
+                    kv[mt][e] = load_as_float(a.kv.data, a.kv.dtype,
                                          b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j);
                 else if (L.mode == MODE_OUTPUT)
                     kv[mt][e] = L.scratch_kv[(slot * F + f) * Dv + j];
@@ -293,7 +272,7 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
         float s = 0.0f;
         if (f < F) {
             if (L.mode == MODE_FULL)
-                s = load_any(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2]);
+                s = load_as_float(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2]);
             else if (L.mode == MODE_OUTPUT)
                 s = L.scratch_ksum[slot * F + f];
         }
@@ -619,7 +598,7 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
                 const int64_t j = col_base + col0 + 2 * t4 + (e & 1);
                 if (mt < f_tiles && f < F && j < Dv) {
                     if (L.mode == MODE_FULL)
-                        store_any(a.kv.data, a.kv.dtype,
+                        store_from_float(a.kv.data, a.kv.dtype,
                                   b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j, kv[mt][e]);
                     else
                         L.scratch_kv[(slot * F + f) * Dv + j] = kv[mt][e];
@@ -630,7 +609,7 @@ prefill_mma_kernel(const based_linear_attention_args a, const PrefillLaunch L) {
         if (vt == 0) {
             for (int64_t f = tid; f < F; f += kMmaThreads) {
                 if (L.mode == MODE_FULL)
-                    store_any(a.ksum.data, a.ksum.dtype,
+                    store_from_float(a.ksum.data, a.ksum.dtype,
                               b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2], sKsum[f]);
                 else
                     L.scratch_ksum[slot * F + f] = sKsum[f];
@@ -651,25 +630,25 @@ __global__ void scan_segments_kernel(const based_linear_attention_args a, const 
         if (i < n_kv) {
             const int64_t j = i % Dv, f = (i / Dv) % F, bh = i / (Dv * F), b = bh / H, h = bh % H;
             const int64_t off = b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j;
-            float run = load_any(a.kv.data, a.kv.dtype, off);
+            float run = load_as_float(a.kv.data, a.kv.dtype, off);
             for (int64_t s = 0; s < L.nseg; s++) {
                 float *p = &L.scratch_kv[((bh * L.nseg + s) * F + f) * Dv + j];
                 const float d = *p;
                 *p = run;
                 run += d;
             }
-            store_any(a.kv.data, a.kv.dtype, off, run);
+            store_from_float(a.kv.data, a.kv.dtype, off, run);
         } else if (i < n_kv + n_ks) {
             const int64_t r = i - n_kv, f = r % F, bh = r / F, b = bh / H, h = bh % H;
             const int64_t off = b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2];
-            float run = load_any(a.ksum.data, a.ksum.dtype, off);
+            float run = load_as_float(a.ksum.data, a.ksum.dtype, off);
             for (int64_t s = 0; s < L.nseg; s++) {
                 float *p = &L.scratch_ksum[(bh * L.nseg + s) * F + f];
                 const float d = *p;
                 *p = run;
                 run += d;
             }
-            store_any(a.ksum.data, a.ksum.dtype, off, run);
+            store_from_float(a.ksum.data, a.ksum.dtype, off, run);
         } else {
             const int64_t b = i - n_kv - n_ks;
             reinterpret_cast<int64_t *>(a.tokens.data)[b * a.tokens.strides[0]] += a.seqlen;
@@ -727,11 +706,11 @@ prefill_simt_kernel(const based_linear_attention_args a, const SimtLayout S, int
         feature_of(f, dk, scale, &i, &j, &c);
         sCoef[f] = c;
         sIdx[f] = i | (j << 8);
-        sKsum[f] = load_any(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2]);
+        sKsum[f] = load_as_float(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2]);
     }
     for (int64_t e = tid; e < F * NV; e += kSimtThreads) {
         const int64_t f = e / NV, jj = e % NV, j = col_base + jj;
-        sKV[f * PV + jj] = j < Dv ? load_any(a.kv.data, a.kv.dtype,
+        sKV[f * PV + jj] = j < Dv ? load_as_float(a.kv.data, a.kv.dtype,
                                              b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j)
                                   : 0.0f;
     }
@@ -825,12 +804,12 @@ prefill_simt_kernel(const based_linear_attention_args a, const SimtLayout S, int
     for (int64_t e = tid; e < F * NV; e += kSimtThreads) {
         const int64_t f = e / NV, jj = e % NV, j = col_base + jj;
         if (j < Dv)
-            store_any(a.kv.data, a.kv.dtype, b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j,
+            store_from_float(a.kv.data, a.kv.dtype, b * a.kv.strides[0] + h * a.kv.strides[1] + f * a.kv.strides[2] + j,
                       sKV[f * PV + jj]);
     }
     if (vt == 0) {
         for (int64_t f = tid; f < F; f += kSimtThreads)
-            store_any(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2],
+            store_from_float(a.ksum.data, a.ksum.dtype, b * a.ksum.strides[0] + h * a.ksum.strides[1] + f * a.ksum.strides[2],
                       sKsum[f]);
         if (h == 0 && tid == 0) reinterpret_cast<int64_t *>(a.tokens.data)[b * a.tokens.strides[0]] += T_len;
     }
