@@ -37,6 +37,34 @@ class DeviceGuard {
     cudaError_t err_ = cudaSuccess;
 };
 
+constexpr int kMaxDevices = 64;  // devices whose properties are cached
+
+struct DeviceInfo {
+    int sms = 0, smem_optin = 0, capability = 0, pools = 0;
+};
+
+// Properties of `device` the launch plans need (queried once per device; a benign race
+// fills the same values).
+inline DeviceInfo device_info(int device) {
+    static DeviceInfo cache[kMaxDevices];
+    static int known[kMaxDevices];
+    if (device >= 0 && device < kMaxDevices && known[device]) return cache[device];
+    DeviceInfo d;
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    cudaDeviceGetAttribute(&d.pools, cudaDevAttrMemoryPoolsSupported, device);
+    cudaGetLastError();
+    d.capability = major * 10 + minor;
+    if (device >= 0 && device < kMaxDevices) {
+        cache[device] = d;
+        known[device] = 1;
+    }
+    return d;
+}
+
 // A CUDA runtime error as a based status with cudaGetErrorString's words.
 inline based_status cuda_fail(cudaError_t err, const char *op, const char *what) {
     return based_fail(err == cudaErrorMemoryAllocation ? BASED_STATUS_OUT_OF_MEMORY : BASED_STATUS_CUDA_ERROR,

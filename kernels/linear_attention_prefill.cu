@@ -817,33 +817,6 @@ prefill_simt_kernel(const based_linear_attention_args a, const SimtLayout S, int
 
 // ---- host side --------------------------------------------------------------------------
 
-constexpr int kMaxDevices = 64;
-
-struct DeviceInfo {
-    int sms = 0, smem_optin = 0, capability = 0, pools = 0;
-};
-
-// Properties of `device` (queried once per device; a benign race fills the same values).
-inline DeviceInfo device_info(int device) {
-    static DeviceInfo cache[kMaxDevices];
-    static int known[kMaxDevices];
-    if (device >= 0 && device < kMaxDevices && known[device]) return cache[device];
-    DeviceInfo d;
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    cudaDeviceGetAttribute(&d.pools, cudaDevAttrMemoryPoolsSupported, device);
-    cudaGetLastError();
-    d.capability = major * 10 + minor;
-    if (device >= 0 && device < kMaxDevices) {
-        cache[device] = d;
-        known[device] = 1;
-    }
-    return d;
-}
-
 enum class Kernel { Simt, MmaSync };
 
 // BASED_CUDA_PREFILL: "simt" forces the float32 SIMT kernel, "mma_sync" (or unset) lets
