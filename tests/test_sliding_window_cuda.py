@@ -339,6 +339,26 @@ def test_decode_is_graph_capturable(dtype):
         _assert_same_cache(cache, cpu, f"replay {t}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, H, Hkv, D, W, steps", [(160, 16, 8, 64, 70, 30), (300, 16, 2, 256, 8, 12),
+                                                    (2200, 2, 2, 16, 8, 4)])
+def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps):
+    """More (sequence, kv head) items than the GPU holds blocks at once, so each block walks
+    several items, loading the next one's ring while it computes the current one; sequences at
+    different points (every third reset, so filling the ring again, the others wrapping it)
+    share each launch. D = 256 with 8 query heads per kv head takes the kernel past 48 KiB of
+    shared memory. Every step matches the CPU, the cache bit for bit."""
+    T0 = 50
+    q, k, v = _inputs(B, T0 + steps, H, Hkv, D, dtype, seed=B + D)
+    _, cache = _prefill(q[:, :T0], k[:, :T0], v[:, :T0], window=W)
+    cache.reset(list(range(0, B, 3)))
+    for t in range(T0, T0 + steps):
+        snap = _snapshot(cache)
+        out = _decode(q[:, t], k[:, t], v[:, t], cache)
+        want = _check(out[:, None], q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], W, snap, cache.scale, f"step {t}")
+        _assert_same_cache(cache, want, f"step {t}")
+
+
 # ---------------------------------------------------------------------------------------
 # contract: invalid counters, memory bounds, non-finite inputs, empty calls
 # ---------------------------------------------------------------------------------------
