@@ -13,7 +13,9 @@
 //      so the ring of a kv head is read once for all heads of its GQA group (G <= 8; a larger
 //      G is split over ceil(G / 8) blocks that each read the ring). The block writes the new
 //      key and value into slot n % W (the first block of the kv head only); slot n % W is
-//      never read as a key, so no block depends on that write;
+//      never read as a key, so no block depends on that write. The common shapes (H = Hkv,
+//      W <= 64, whole 16-byte rows) take decode_fast_kernel instead (below: the ring straight
+//      into registers, one block per (b, head));
 //   2. tokens[b] += 1 (sliding_window.cuh), alone because every block of sequence b reads it.
 // A counter that is negative or at 2^62 marks the sequence invalid: NaN outputs, its cache
 // slots and counter untouched.
@@ -39,14 +41,17 @@
 //   - the new key and value go into slot n % W from shared memory (no second global read).
 //   Every slot of a chunk lies in the window, so every key is weighed (Inf/NaN in a key or
 //   value reach this query's output, as on the CPU).
-// Measured on the H200 (W=64, D=64, H=Hkv=16, B=256: 4096 blocks, each one chunk; CUDA-graph
-// replay): 33 us bf16, 56 us fp32 (55% / 61% of the same-run copy bandwidth). Before, a block
-// that read the counter and q ahead of its ring loads, with 64-bit index divisions and scalar
-// P V, took 39 / 61 us; ncu then showed the SMs issuing on 75% of cycles, so instruction count
-// is what this kernel trims. A persistent variant (blocks walking several items, the next
-// item's ring loading through a second buffer) was slower (52 us bf16): fewer blocks per SM,
-// each waiting on the same serial latencies.
+// The register kernel below (decode_fast_kernel) takes the common shapes; this one takes the
+// rest (GQA, W > 64, any D, strided or misaligned rows). Measured on the H200 with this
+// kernel forced (W=64, D=64, H=Hkv=16, B=256, CUDA-graph replay): 33 us bf16, 56 us fp32.
+// Before, a block that read the counter and q ahead of its ring loads, with 64-bit index
+// divisions and scalar P V, took 39 / 61 us; ncu then showed the SMs issuing on 75% of
+// cycles, so instruction count is what this kernel trims. A persistent variant (blocks
+// walking several items, the next item's ring loading through a second buffer) was slower
+// (52 us bf16): fewer blocks per SM, each waiting on the same serial latencies.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "sliding_window.cuh"
 
@@ -306,6 +311,166 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const based_sliding_wi
     }
 }
 
+// ---- the register kernel: one query head per kv head, W <= 64, whole 16-byte rows -----------
+//
+// The common decode shape (the paper's window layers: H = Hkv, W = 64, D = 64) needs no
+// shared-memory staging: each key element feeds one score and each value element one
+// output sum, so every thread loads its part of the ring straight into registers, all of a
+// block's ring in flight at once, before the counter is read. Block of 128 threads per (b, h):
+//   - scores: 2 threads per slot j = tid / 2 (64 slots), each a half of the key row (P / 2
+//     pieces of 16 bytes), partial dot products added by one shuffle;
+//   - softmax over the block: warp maxima and sums through shared memory (two barriers);
+//   - P V: thread (r = tid / P, piece c = tid % P) sums slots r, r + RS, ... (RS = 128 / P)
+//     of its value piece, kept in registers; the partial sums meet by shuffles within a warp
+//     and through shared memory across the 4 warps;
+//   - the new key and value: staged in shared memory (key, with q) and registers (value);
+//     the threads owning slot n % W store them there.
+// Taken when the cache rows, q, k, v and out are all whole aligned 16-byte pieces (checked
+// on the host); anything else goes to decode_kernel above, and BASED_CUDA_WINDOW_DECODE=smem
+// sends everything there. H200, W=64, D=64, H=Hkv=16, B=256, CUDA-graph replay: 24.7 us bf16
+// (74% of the copy bandwidth; 62% of DRAM peak in ncu), 51 us fp32 (66%): 96 registers per
+// thread in float32 leave 5 blocks per SM, whose load and compute phases overlap only partly.
+constexpr int kFastSlots = 64;
+
+template <typename T, int P>
+__global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_sliding_window_args a) {
+    constexpr int E = 16 / sizeof(T), D = P * E;
+    constexpr int SP = kThreads / kFastSlots, KPT = P / SP;  // threads per slot, key pieces per thread
+    constexpr int RS = kThreads / P, VPT = kFastSlots / RS;  // value partitions, slots per thread
+    static_assert(P % SP == 0 && kThreads % P == 0 && kFastSlots % RS == 0, "pieces per row");
+    __shared__ uint4 q_s[P], kn_s[P];
+    __shared__ float p_s[kFastSlots];
+    __shared__ float red[2][kThreads / 32];
+    __shared__ float4 part_s[kThreads / 32][D / 4];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const unsigned H = (unsigned)a.heads;
+    const int64_t h = blockIdx.x % H, b = blockIdx.x / H;
+    const int W = (int)a.window;
+    const based_tensor &kc = a.k_cache, &vc = a.v_cache;
+
+    // every load first: this thread's key pieces, value pieces, and the new value's piece
+    const int j = tid / SP, half = tid % SP;
+    const int r = tid / P, c = tid % P;
+    uint4 kr[KPT], vr[VPT];
+    const T *krow = row_ptr<T>(kc, b, h, j) + half * KPT * E;
+#pragma unroll
+    for (int i = 0; i < KPT; i++)
+        kr[i] = j < W ? *reinterpret_cast<const uint4 *>(krow + i * E) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int i = 0; i < VPT; i++) {
+        const int jj = r + i * RS;
+        vr[i] = jj < W ? *reinterpret_cast<const uint4 *>(row_ptr<T>(vc, b, h, jj) + c * E) : make_uint4(0, 0, 0, 0);
+    }
+    const uint4 vn = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.v, b, 0, h) + c * E);
+    if (tid < P) {
+        q_s[tid] = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.q, b, 0, h) + tid * E);
+        kn_s[tid] = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.k, b, 0, h) + tid * E);
+    }
+    const int64_t n = tokens_at(a.tokens, b);
+    T *const orow = row_ptr_mut<T>(a.out, b, 0, h);
+    if (!counter_valid(n, 1)) {
+        if (tid < P) {
+            union {
+                uint4 u;
+                T e[E];
+            } x;
+#pragma unroll
+            for (int e = 0; e < E; e++) x.e[e] = nan_value<T>();
+            *reinterpret_cast<uint4 *>(orow + tid * E) = x.u;
+        }
+        return;
+    }
+    const int L = n + 1 < W ? (int)n + 1 : W;  // valid slots 0 .. L-1
+    const int sn = (int)(n < W ? n : (n >> 32 == 0 ? (int64_t)((uint32_t)n % (uint32_t)W) : n % W));
+    __syncthreads();  // q_s, kn_s
+
+    // score of slot j: q . k_j * scale (the new key for slot sn), -inf past the valid slots
+    if (j == sn) {
+#pragma unroll
+        for (int i = 0; i < KPT; i++) kr[i] = kn_s[half * KPT + i];
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < KPT; i++) {
+        float kf[E], qf[E];
+        piece_to_float<T>(kr[i], kf);
+        piece_to_float<T>(q_s[half * KPT + i], qf);
+#pragma unroll
+        for (int e = 0; e < E; e++) s += qf[e] * kf[e];
+    }
+#pragma unroll
+    for (int o = SP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s = j < L ? s * (float)a.scale : -INFINITY;
+
+    // softmax over the slots (fp32, max subtracted)
+    const float wmax = warp_max(s);
+    if (lane == 0) red[0][warp] = wmax;
+    __syncthreads();
+    float m = red[0][0];
+#pragma unroll
+    for (int w = 1; w < kThreads / 32; w++) m = fmaxf(m, red[0][w]);
+    const float mu = m == -INFINITY ? 0.f : m;
+    const float pj = expf(s - mu);
+    const float wsum = warp_sum(half == 0 ? pj : 0.f);
+    if (half == 0) p_s[j] = pj;
+    if (lane == 0) red[1][warp] = wsum;
+    __syncthreads();
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; w++) l += red[1][w];
+
+    // P V: this thread's slots r, r + RS, ... of value piece c (the new value for slot sn)
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPT; i++) {
+        const int jj = r + i * RS;
+        float vf[E];
+        piece_to_float<T>(jj == sn ? vn : vr[i], vf);
+        const float w = jj < L ? p_s[jj] : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[e] += w * vf[e];
+    }
+#pragma unroll
+    for (int o = P; o < 32; o *= 2)
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    if (lane < P) {
+#pragma unroll
+        for (int e = 0; e < E; e += 4) part_s[warp][(c * E + e) / 4] = make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
+    }
+    __syncthreads();
+    if (tid < P) {
+        union {
+            uint4 u;
+            T e[E];
+        } x;
+#pragma unroll
+        for (int e = 0; e < E; e += 4) {
+            float4 t = part_s[0][(tid * E + e) / 4];
+#pragma unroll
+            for (int w = 1; w < kThreads / 32; w++) {
+                const float4 u = part_s[w][(tid * E + e) / 4];
+                t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+            }
+            x.e[e] = from_float<T>(t.x / l);
+            x.e[e + 1] = from_float<T>(t.y / l);
+            x.e[e + 2] = from_float<T>(t.z / l);
+            x.e[e + 3] = from_float<T>(t.w / l);
+        }
+        *reinterpret_cast<uint4 *>(orow + tid * E) = x.u;
+    }
+    // the new key and value into slot sn, bit for bit
+    if (j == sn) {
+        T *kd = row_ptr_mut<T>(kc, b, h, sn) + half * KPT * E;
+#pragma unroll
+        for (int i = 0; i < KPT; i++) *reinterpret_cast<uint4 *>(kd + i * E) = kn_s[half * KPT + i];
+    }
+    if (sn % RS == r) *reinterpret_cast<uint4 *>(row_ptr_mut<T>(vc, b, h, sn) + c * E) = vn;
+}
+
 // ---- host side ----------------------------------------------------------------------------
 
 const char *const kOp = "sliding_window_decode";
@@ -353,11 +518,45 @@ DecodePlan make_plan(const based_sliding_window_args &a, bool kt) {
     return p;
 }
 
+// Whether a tensor's rows (axes 0..2 as used) are whole 16-byte pieces at 16-byte addresses.
+inline bool rows_whole(const based_tensor &t, int64_t elem) {
+    if (t.strides[3] != 1 || (reinterpret_cast<uintptr_t>(t.data) & 15u) != 0) return false;
+    for (int i = 0; i < 3; i++)
+        if ((t.strides[i] * elem) % 16 != 0) return false;
+    return true;
+}
+
+// Whether decode_fast_kernel takes the call: one query head per kv head, W <= 64, a row of
+// 4, 8 or 16 pieces of 16 bytes (D = 64 or 128 in 16-bit types, 32 or 64 in float32...),
+// every row whole and aligned.
+template <typename T>
+bool fast_eligible(const based_sliding_window_args &a) {
+    const int64_t bytes = a.head_dim * (int64_t)sizeof(T);
+    if (a.heads < 1 || a.heads != a.kv_heads || a.window > kFastSlots) return false;
+    if (bytes != 64 && bytes != 128 && bytes != 256) return false;
+    const int64_t e = (int64_t)sizeof(T);
+    return rows_whole(a.q, e) && rows_whole(a.k, e) && rows_whole(a.v, e) && rows_whole(a.out, e) &&
+           rows_whole(a.k_cache, e) && rows_whole(a.v_cache, e);
+}
+
 template <typename T>
 based_status launch_decode(const based_sliding_window_args &a, cudaStream_t stream) {
     if (a.head_dim < 1 || a.head_dim > 256)
         return based_fail(BASED_STATUS_NOT_IMPLEMENTED, "%s: head dim D=%lld is outside the CUDA kernels' 1..256", kOp,
                           (long long)a.head_dim);
+    const int pieces = (int)(a.head_dim * (int64_t)sizeof(T) / 16);
+    if (getenv("BASED_CUDA_WINDOW_DECODE") == nullptr || strcmp(getenv("BASED_CUDA_WINDOW_DECODE"), "smem") != 0) {
+        if (fast_eligible<T>(a) && a.batch * a.heads <= INT32_MAX) {
+            const unsigned blocks = (unsigned)(a.batch * a.heads);
+            if (pieces == 4)
+                decode_fast_kernel<T, 4><<<blocks, kThreads, 0, stream>>>(a);
+            else if (pieces == 8)
+                decode_fast_kernel<T, 8><<<blocks, kThreads, 0, stream>>>(a);
+            else
+                decode_fast_kernel<T, 16><<<blocks, kThreads, 0, stream>>>(a);
+            return check_launch(kOp);
+        }
+    }
     // the slot-contiguous key ring (strides (.., 1, W)) is staged by key dimension
     const bool kt = a.k_cache.strides[2] == 1 && a.k_cache.strides[3] != 1;
     const DecodePlan p = make_plan<T>(a, kt);

@@ -339,15 +339,10 @@ def test_decode_is_graph_capturable(dtype):
         _assert_same_cache(cache, cpu, f"replay {t}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B, H, Hkv, D, W, steps", [(160, 16, 8, 64, 70, 30), (300, 16, 2, 256, 8, 12),
-                                                    (2200, 2, 2, 16, 8, 4)])
-def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps):
-    """More (sequence, kv head) items than the GPU holds blocks at once, so each block walks
-    several items, loading the next one's ring while it computes the current one; sequences at
-    different points (every third reset, so filling the ring again, the others wrapping it)
-    share each launch. D = 256 with 8 query heads per kv head takes the kernel past 48 KiB of
-    shared memory. Every step matches the CPU, the cache bit for bit."""
+def _decode_steps_match_cpu(dtype, B, H, Hkv, D, W, steps):
+    """Prefill 50 positions, reset every third sequence (so it fills the ring again while the
+    others wrap it), then decode `steps` tokens: each step's output and cache match the CPU
+    given the cache before the step."""
     T0 = 50
     q, k, v = _inputs(B, T0 + steps, H, Hkv, D, dtype, seed=B + D)
     _, cache = _prefill(q[:, :T0], k[:, :T0], v[:, :T0], window=W)
@@ -359,18 +354,45 @@ def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps):
         _assert_same_cache(cache, want, f"step {t}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, H, Hkv, D, W, steps", [(160, 16, 8, 64, 70, 30), (300, 16, 2, 256, 8, 12),
+                                                    (2200, 2, 2, 16, 8, 4)])
+def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps):
+    """The shared-memory kernel over more (sequence, kv head) blocks than the GPU holds at once,
+    sequences at different points sharing each launch. D = 256 with 8 query heads per kv head
+    takes the kernel past 48 KiB of shared memory. Every step matches the CPU, the cache bit for
+    bit."""
+    _decode_steps_match_cpu(dtype, B, H, Hkv, D, W, steps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["register", "smem"])
+@pytest.mark.parametrize("B, H, D, W, steps", [(64, 16, 64, 64, 70), (16, 4, 128, 33, 40), (16, 8, 32, 7, 12),
+                                               (8, 3, 64, 1, 3), (4, 2, 16, 64, 70)])
+def test_decode_one_head_per_kv_head(dtype, kernel, B, H, D, W, steps, monkeypatch):
+    """H = Hkv and W <= 64 with whole 16-byte rows: the register kernel takes these calls
+    (rows of 64, 128 or 256 bytes), BASED_CUDA_WINDOW_DECODE=smem forces the shared-memory
+    kernel; both match the CPU at every step through the ring's fill and wrap, with some
+    sequences reset mid-way. D = 16 in float16/bfloat16 (32-byte rows) and D = 128 in float32
+    (512-byte rows) stay on the shared-memory kernel either way."""
+    if kernel == "smem":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    _decode_steps_match_cpu(dtype, B, H, H, D, W, steps)
+
+
 # ---------------------------------------------------------------------------------------
 # contract: invalid counters, memory bounds, non-finite inputs, empty calls
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_invalid_counter_gives_nan_and_leaves_its_cache(dtype, phase):
+@pytest.mark.parametrize("Hkv", [2, 4])
+def test_invalid_counter_gives_nan_and_leaves_its_cache(dtype, phase, Hkv):
     """A counter the CPU would refuse (negative, or one that the call's positions would carry
     past 2^62) cannot be checked on the host without a sync: the kernels write NaN to that
     sequence's outputs and leave its cache slots and counter as they were; the valid sequence
     proceeds as on the CPU."""
-    B, T, H, Hkv, D, W = 3, 6, 4, 2, 64, 8
+    B, T, H, D, W = 3, 6, 4, 64, 8  # Hkv = 4: the register decode kernel
     q, k, v = _inputs(B, 2 * T, H, Hkv, D, dtype, seed=10)
     _, cache = _prefill(q[:, :T], k[:, :T], v[:, :T], window=W)
     if phase == "prefill":
@@ -400,10 +422,11 @@ def test_invalid_counter_gives_nan_and_leaves_its_cache(dtype, phase):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["ring", "row-major"])
-def test_writes_stay_inside_out_and_cache(dtype, layout):
+@pytest.mark.parametrize("H, Hkv, D", [(4, 2, 100), (4, 4, 64)])  # (4, 4, 64): the register decode kernel
+def test_writes_stay_inside_out_and_cache(dtype, layout, H, Hkv, D):
     """out and the cache carved out of larger poisoned buffers: prefill and decode write every
     element of out and nothing around out or the cache."""
-    B, T, H, Hkv, D, W, M = 2, 70, 4, 2, 100, 64, 1000
+    B, T, W, M = 2, 70, 64, 1000
     td = _td(dtype)
     q, k, v = _inputs(B, T + 1, H, Hkv, D, dtype, seed=11)
 
