@@ -77,6 +77,13 @@ __device__ __forceinline__ void zero16(void *smem_dst) {
     *reinterpret_cast<uint4 *>(smem_dst) = make_uint4(0, 0, 0, 0);
 }
 
+// 16 bytes seen as a uint4 or as its E = 16 / sizeof(T) elements.
+template <typename T>
+union Piece {
+    uint4 u;
+    T e[16 / sizeof(T)];
+};
+
 // The E = 16 / sizeof(T) elements d0 .. d0+E-1 of a row (element stride `stride`) into 16
 // bytes of shared memory, elements at or past `count` as zeros. `fast`: the row is fast
 // (see above); the piece then goes by cp.async when it lies wholly below count.
@@ -87,10 +94,7 @@ __device__ __forceinline__ void load_piece(T *smem_dst, const T *row, int64_t st
         cp_async16(smem_dst, row + d0);
         return;
     }
-    union {
-        uint4 u;
-        T e[E];
-    } piece;
+    Piece<T> piece;
     piece.u = make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int e = 0; e < E; e++)

@@ -371,10 +371,7 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     T *const orow = row_ptr_mut<T>(a.out, b, 0, h);
     if (!counter_valid(n, 1)) {
         if (tid < P) {
-            union {
-                uint4 u;
-                T e[E];
-            } x;
+            Piece<T> x;
 #pragma unroll
             for (int e = 0; e < E; e++) x.e[e] = nan_value<T>();
             *reinterpret_cast<uint4 *>(orow + tid * E) = x.u;
@@ -443,10 +440,7 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     }
     __syncthreads();
     if (tid < P) {
-        union {
-            uint4 u;
-            T e[E];
-        } x;
+        Piece<T> x;
 #pragma unroll
         for (int e = 0; e < E; e += 4) {
             float4 t = part_s[0][(tid * E + e) / 4];
