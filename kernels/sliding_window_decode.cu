@@ -338,7 +338,8 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     constexpr int SP = kThreads / kFastSlots, KPT = P / SP;  // threads per slot, key pieces per thread
     constexpr int RS = kThreads / P, VPT = kFastSlots / RS;  // value partitions, slots per thread
     static_assert(P % SP == 0 && kThreads % P == 0 && kFastSlots % RS == 0, "pieces per row");
-    __shared__ uint4 q_s[P], kn_s[P];
+    __shared__ float4 q_s[D / 4];  // q * scale (the CPU's order: q is scaled before the dot product)
+    __shared__ uint4 kn_s[P];
     __shared__ float p_s[kFastSlots];
     __shared__ float red[2][kThreads / 32];
     __shared__ float4 part_s[kThreads / 32][D / 4];
@@ -364,7 +365,12 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     }
     const uint4 vn = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.v, b, 0, h) + c * E);
     if (tid < P) {
-        q_s[tid] = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.q, b, 0, h) + tid * E);
+        float qf[E];
+        piece_to_float<T>(*reinterpret_cast<const uint4 *>(row_ptr<T>(a.q, b, 0, h) + tid * E), qf);
+        const float scale = (float)a.scale;
+#pragma unroll
+        for (int e = 0; e < E; e += 4)
+            q_s[(tid * E + e) / 4] = make_float4(qf[e] * scale, qf[e + 1] * scale, qf[e + 2] * scale, qf[e + 3] * scale);
         kn_s[tid] = *reinterpret_cast<const uint4 *>(row_ptr<T>(a.k, b, 0, h) + tid * E);
     }
     const int64_t n = tokens_at(a.tokens, b);
@@ -390,15 +396,17 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < KPT; i++) {
-        float kf[E], qf[E];
+        float kf[E];
         piece_to_float<T>(kr[i], kf);
-        piece_to_float<T>(q_s[half * KPT + i], qf);
 #pragma unroll
-        for (int e = 0; e < E; e++) s += qf[e] * kf[e];
+        for (int e = 0; e < E; e += 4) {
+            const float4 qv = q_s[((half * KPT + i) * E + e) / 4];
+            s += qv.x * kf[e] + qv.y * kf[e + 1] + qv.z * kf[e + 2] + qv.w * kf[e + 3];
+        }
     }
 #pragma unroll
     for (int o = SP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-    s = j < L ? s * (float)a.scale : -INFINITY;
+    if (j >= L) s = -INFINITY;
 
     // softmax over the slots (fp32, max subtracted)
     const float wmax = warp_max(s);
@@ -425,7 +433,10 @@ __global__ void __launch_bounds__(kThreads) decode_fast_kernel(const based_slidi
     for (int i = 0; i < VPT; i++) {
         const int jj = r + i * RS;
         float vf[E];
-        piece_to_float<T>(jj == sn ? vn : vr[i], vf);
+        // a slot past the valid ones (ring filling) weighs nothing and is never read, as on the
+        // CPU: zeros stand in for its stale bits (0 * Inf would be NaN)
+        const uint4 vu = jj == sn ? vn : jj < L ? vr[i] : make_uint4(0, 0, 0, 0);
+        piece_to_float<T>(vu, vf);
         const float w = jj < L ? p_s[jj] : 0.f;
 #pragma unroll
         for (int e = 0; e < E; e++) acc[e] += w * vf[e];
@@ -551,14 +562,16 @@ based_status launch_decode(const based_sliding_window_args &a, cudaStream_t stre
             return check_launch(kOp);
         }
     }
-    // the slot-contiguous key ring (strides (.., 1, W)) is staged by key dimension
-    const bool kt = a.k_cache.strides[2] == 1 && a.k_cache.strides[3] != 1;
-    const DecodePlan p = make_plan<T>(a, kt);
-    const int64_t blocks = a.batch * a.kv_heads * p.nhg;
+    // blocks per (b, kv head) in 64 bits, checked before make_plan narrows anything to int
+    const int64_t G = a.heads / a.kv_heads, nhg = std::max<int64_t>(1, (G + kGroupMax - 1) / kGroupMax);
+    const int64_t blocks = a.batch > INT32_MAX / a.kv_heads / nhg ? (int64_t)INT32_MAX + 1 : a.batch * a.kv_heads * nhg;
     if (blocks > INT32_MAX)
         return based_fail(BASED_STATUS_NOT_IMPLEMENTED,
                           "%s: B=%lld, Hkv=%lld need %lld thread blocks, more than the CUDA kernel supports (2^31 - 1)",
-                          kOp, (long long)a.batch, (long long)a.kv_heads, (long long)blocks);
+                          kOp, (long long)a.batch, (long long)a.kv_heads, (long long)(a.batch * a.kv_heads * nhg));
+    // the slot-contiguous key ring (strides (.., 1, W)) is staged by key dimension
+    const bool kt = a.k_cache.strides[2] == 1 && a.k_cache.strides[3] != 1;
+    const DecodePlan p = make_plan<T>(a, kt);
     if (kt)
         decode_kernel<T, true><<<(unsigned)blocks, kThreads, p.smem, stream>>>(a, p);
     else

@@ -357,11 +357,12 @@ def _decode_steps_match_cpu(dtype, B, H, Hkv, D, W, steps):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, H, Hkv, D, W, steps", [(160, 16, 8, 64, 70, 30), (300, 16, 2, 256, 8, 12),
                                                     (2200, 2, 2, 16, 8, 4)])
-def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps):
-    """The shared-memory kernel over more (sequence, kv head) blocks than the GPU holds at once,
-    sequences at different points sharing each launch. D = 256 with 8 query heads per kv head
-    takes the kernel past 48 KiB of shared memory. Every step matches the CPU, the cache bit for
-    bit."""
+def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps, monkeypatch):
+    """The shared-memory kernel (forced: the last shape would take the register kernel in
+    float32) over more (sequence, kv head) blocks than the GPU holds at once, sequences at
+    different points sharing each launch; D = 256 with 8 query heads per kv head is its largest
+    shared-memory plan. Every step matches the CPU, the cache bit for bit."""
+    monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     _decode_steps_match_cpu(dtype, B, H, Hkv, D, W, steps)
 
 
@@ -378,6 +379,81 @@ def test_decode_one_head_per_kv_head(dtype, kernel, B, H, D, W, steps, monkeypat
     if kernel == "smem":
         monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     _decode_steps_match_cpu(dtype, B, H, H, D, W, steps)
+
+
+def _decode_kernel_names(q, k, v, cache):
+    """The names of the CUDA kernels one decode call launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        based.sliding_window_decode(q, k, v, cache)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "kernel" in e.name]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_kernel_choice(dtype, monkeypatch):
+    """The register kernel runs where the README says it does (H = Hkv, W <= 64, rows of 64,
+    128 or 256 bytes), the shared-memory kernel elsewhere (GQA, W > 64, other row sizes) and
+    everywhere under BASED_CUDA_WINDOW_DECODE=smem: so the tests that name a kernel test it."""
+    def names(H, Hkv, D, W):
+        q, k, v = _inputs(2, 4, H, Hkv, D, dtype, seed=5)
+        _, cache = _prefill(q, k, v, window=W)
+        got = _decode_kernel_names(q[:, 0], k[:, 0], v[:, 0], cache)
+        fast = [n for n in got if "decode_fast_kernel" in n]
+        smem = [n for n in got if "decode_kernel" in n and "decode_fast_kernel" not in n]
+        assert len(fast) + len(smem) == 1, got
+        return "register" if fast else "smem"
+
+    row64 = 16 if dtype == "float32" else 32  # D with 64-byte rows
+    assert names(4, 4, 64, 64) == "register"
+    assert names(4, 4, row64, 7) == "register"
+    assert names(4, 2, 64, 64) == "smem"   # GQA
+    assert names(4, 4, 64, 65) == "smem"   # W > 64
+    assert names(4, 4, 100, 64) == "smem"  # 200- or 400-byte rows
+    monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    assert names(4, 4, 64, 64) == "smem"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["register", "smem"])
+def test_decode_never_reads_stale_slots(dtype, kernel, monkeypatch):
+    """While the ring fills, the slots past the valid ones hold whatever was there (here NaN
+    and Inf, as in a cache built from torch.empty or rewound): they are never read, so the
+    outputs are finite and match the CPU's, on both kernels."""
+    if kernel == "smem":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    B, H, D, W, T0 = 3, 4, 64, 8, 3
+    q, k, v = _inputs(B, T0 + 3, H, H, D, dtype, seed=21)
+    cache = based.SlidingWindowCache.zeros(B, H, W, D, dtype=dtype, like=q)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("inf"))
+    _prefill(q[:, :T0], k[:, :T0], v[:, :T0], cache=cache)
+    for t in range(T0, T0 + 3):
+        snap = _snapshot(cache)
+        out = _decode(q[:, t], k[:, t], v[:, t], cache)
+        assert torch.isfinite(out).all(), f"step {t}: a stale slot reached the outputs"
+        want = _check(out[:, None], q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], W, snap, cache.scale, f"step {t}")
+        _assert_same_cache(cache, want, f"step {t}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["register", "smem"])
+def test_decode_counters_past_2_32(dtype, kernel, monkeypatch):
+    """Counters at and past 2^32 (the kernels' slot n % W leaves its 32-bit path): the same
+    outputs and cache as the CPU given the same cache."""
+    if kernel == "smem":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    B, H, D, W = 3, 4, 64, 7
+    q, k, v = _inputs(B, W + 2, H, H, D, dtype, seed=22)
+    _, cache = _prefill(q[:, :W], k[:, :W], v[:, :W], window=W)
+    cache.tokens.copy_(torch.tensor([2**32 - 1, 2**32, 3 * 2**32 + 5], device="cuda"))
+    for t in range(W, W + 2):
+        snap = _snapshot(cache)
+        out = _decode(q[:, t], k[:, t], v[:, t], cache)
+        want = _check(out[:, None], q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], W, snap, cache.scale, f"step {t}")
+        _assert_same_cache(cache, want, f"step {t}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -403,10 +479,14 @@ def test_invalid_counter_gives_nan_and_leaves_its_cache(dtype, phase, Hkv):
         qs, ks, vs = q[:, T:T + 1], k[:, T:T + 1], v[:, T:T + 1]
     cache.tokens.copy_(torch.tensor(counters, device="cuda"))
     before = _snapshot(cache)
+    # out starts finite (not the NaN poison of the other tests), so the NaNs must be written
     if phase == "prefill":
-        out, _ = _prefill(qs, ks, vs, cache=cache)
+        out = torch.full_like(qs, 7.0)
+        based.sliding_window_prefill(qs, ks, vs, cache=cache, out=out)
     else:
-        out = _decode(qs[:, 0], ks[:, 0], vs[:, 0], cache)[:, None]
+        out = torch.full_like(qs[:, 0], 7.0)
+        based.sliding_window_decode(qs[:, 0], ks[:, 0], vs[:, 0], cache, out=out)
+        out = out[:, None]
     after = _snapshot(cache)
     for b in range(B):
         if b == good:
