@@ -440,6 +440,27 @@ def test_decode_never_reads_stale_slots(dtype, kernel, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", ["register", "smem"])
+def test_decode_nonfinite_inputs_stay_local(dtype, kernel, monkeypatch):
+    """Decode: an Inf value in the cache (kv head 1) and a NaN in the new key (kv head 2) reach
+    exactly those heads' outputs, as on the CPU; the other heads stay finite (SPEC 4)."""
+    if kernel == "smem":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    B, T, H, D, W = 2, 10, 4, 64, 8
+    q, k, v = _inputs(B, T + 1, H, H, D, dtype, seed=23)
+    v[:, T - 2, 1, 3] = float("inf")
+    k[:, T, 2, 5] = float("nan")
+    _, cache = _prefill(q[:, :T], k[:, :T], v[:, :T], window=W)
+    cpu = _snapshot(cache)
+    out = _decode(q[:, T], k[:, T], v[:, T], cache)
+    o_cpu = based.sliding_window_decode(_cpu(q[:, T], dtype), _cpu(k[:, T], dtype), _cpu(v[:, T], dtype), cpu)
+    bad, bad_cpu = (~torch.isfinite(out.cpu())).any(-1), (~torch.isfinite(o_cpu)).any(-1)  # (B, H)
+    assert torch.equal(bad, bad_cpu), f"non-finite heads {bad.tolist()} differ from the CPU's {bad_cpu.tolist()}"
+    assert bad[:, 1].all() and bad[:, 2].all() and not bad[:, 0].any() and not bad[:, 3].any()
+    _assert_same_cache(cache, cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["register", "smem"])
 def test_decode_counters_past_2_32(dtype, kernel, monkeypatch):
     """Counters at and past 2^32 (the kernels' slot n % W leaves its 32-bit path): the same
     outputs and cache as the CPU given the same cache."""
