@@ -172,12 +172,6 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
 #define KIND_BF16 1
 #define KIND_F16 2
 
-/* Prefill work below this many multiply-adds (scores and outputs) runs on one thread, as
- * does a decode step that reads less than this many bytes of cache: an OpenMP fork and
- * join costs a few microseconds, more than such a call takes. */
-#define WINDOW_PARALLEL_MIN_MACS ((int64_t)1 << 21)
-#define WINDOW_PARALLEL_MIN_BYTES ((int64_t)256 << 10)
-
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -429,6 +423,22 @@ static const window_kernels *window_kernels_pick(void) {
 
 const char *based_window_kernel_isa(void) { return window_kernels_pick()->name; }
 
+/* Multiply-adds of a prefill call (scores and weighted values, 2 D per query and key it
+ * attends): query position p sees min(p + 1, W) keys. In double, so that no size overflows;
+ * saturated at 2^62 (only a thread count depends on it). */
+static int64_t window_prefill_macs(const based_sliding_window_args *c) {
+    const double w = (double)c->window, t = (double)c->seqlen;
+    double keys = 0;
+    for (int64_t b = 0; b < c->batch; b++) {
+        const double a = (double)based_tokens_at(&c->tokens, b), e = a + t; /* positions a .. e-1 */
+        /* positions p < W - 1 see p + 1 keys (a triangle), the others W */
+        const double tri_end = e < w - 1 ? e : (a > w - 1 ? a : w - 1);
+        keys += ((a + 1) + tri_end) * (tri_end - a) / 2 + (e - tri_end) * w;
+    }
+    const double macs = keys * (double)c->heads * (double)c->head_dim * 2;
+    return macs < 0x1p62 ? (int64_t)macs : (int64_t)1 << 62;
+}
+
 /* All outputs of a checked prefill call (the cache is read, not written). */
 static based_status window_forward(const based_sliding_window_args *c) {
     const window_kernels *kern = window_kernels_pick();
@@ -446,8 +456,7 @@ static based_status window_forward(const based_sliding_window_args *c) {
     const int64_t kcp = (span + 2 * LANES - 1) / LANES * LANES;
     const int64_t rows = qb * g_count;
     const int64_t n_qblocks = (c->seqlen + qb - 1) / qb, items = c->batch * c->kv_heads * n_qblocks;
-    const int64_t macs = c->batch * c->heads * c->seqlen * (w < 4096 ? w : 4096) * d * 2;
-    const int nthreads = macs < WINDOW_PARALLEL_MIN_MACS ? 1 : based_threads_for(items);
+    const int nthreads = based_threads_for(items, window_prefill_macs(c), BASED_MIN_MACS_PER_THREAD);
 
     /* per-thread layout, each array on its own cache lines */
     const size_t sizes[8] = {(size_t)(d * kcp), (size_t)(kcp * dp), (size_t)(rows * d), (size_t)(rows * dp),
@@ -501,7 +510,7 @@ static void window_decode(const based_sliding_window_args *c) {
     const window_decode_fn item_fn = c->q.dtype == BASED_DTYPE_FLOAT64 ? kern->decode_f64 : kern->decode_f32;
     const int64_t pairs = c->batch * c->kv_heads;
     const int64_t bytes = pairs * c->window * c->head_dim * c->k.itemsize * 2;
-    const int nthreads = bytes < WINDOW_PARALLEL_MIN_BYTES ? 1 : based_threads_for(pairs);
+    const int nthreads = based_threads_for(pairs, bytes, BASED_MIN_BYTES_PER_THREAD);
     if (nthreads == 1) {
         for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
     } else {
@@ -526,7 +535,8 @@ static void copy_row(char *dst, int64_t dst_stride, const char *src, int64_t src
 static void window_update_cache(const based_sliding_window_args *c) {
     const int64_t T = c->seqlen, W = c->window, D = c->head_dim;
     const int64_t first = T > W ? T - W : 0, pairs = c->batch * c->kv_heads;
-    const int nthreads = based_threads_for(pairs * (T - first) * D / 4096);
+    const int64_t bytes = pairs * (T - first) * D * (c->k.itemsize + c->v.itemsize);
+    const int nthreads = based_threads_for(pairs, bytes, BASED_MIN_BYTES_PER_THREAD);
     (void)nthreads; /* only the pragma reads it: unused without OpenMP */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
