@@ -62,32 +62,40 @@ def build_info() -> dict:
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the threads based's CPU ops may use, for the whole process; ``0`` restores the default.
+    """Sets how many threads based's CPU ops may use, for the whole process; ``0`` restores the default.
 
     Args:
-        n: an int >= 1, or 0 for the default (see ``get_num_threads``).
+        n: a count of threads (OpenMP worker threads, the calling one included): an int >= 1,
+            or 0 for the default (see ``get_num_threads``). numpy and torch integer scalars are
+            taken (``operator.index``); bools are not counts.
 
-    An op still runs on fewer threads when its work is small: each thread must get at least
-    256 KiB of state or cache to read (decode steps, cache updates) or about a million
-    multiply-adds (prefills). PyTorch's own thread count is not changed: call
-    ``torch.set_num_threads`` for that (it changes based's default too, see ``get_num_threads``).
-    Safe to call from any thread, also while ops run (a running op keeps its count).
+    The count is an upper bound: an op runs on fewer threads when its work is small, so that
+    each thread gets at least 256 KiB of state or cache to read (decode steps, cache updates)
+    or about a million (2**20) multiply-adds (prefills); a decode step of a small model runs
+    on the calling thread. PyTorch's own thread count is not changed: call
+    ``torch.set_num_threads`` for that (by default based follows it, see ``get_num_threads``).
+    Safe to call from any thread, also while ops run (a running op keeps the count it started
+    with). CUDA ops are not affected.
 
     Raises:
-        TypeError: n is not an int (bool included). ValueError: n < 0 or n >= 2**31.
+        TypeError: ``n`` is not an int (a bool, a float, a str, ...); the message names ``n``.
+        ValueError: ``n`` < 0 or ``n`` >= 2**31; the message names ``n`` and the value.
+        Nothing is changed when it raises.
     """
     _C.set_num_threads(_args.as_int(n, "n", 0, 2**31 - 1))
 
 
 def get_num_threads() -> int:
-    """The threads a CPU op started now on this thread may use (an int >= 1).
+    """The number of threads a CPU op started now on this thread may use (an int >= 1).
 
-    The count given to ``set_num_threads``, else the default: the OpenMP thread count of the
-    calling thread -- ``OMP_NUM_THREADS``, else one per CPU, and PyTorch's
-    ``torch.set_num_threads(n)`` sets it too (torch and based share the process's OpenMP
-    runtime), so by default based follows torch -- capped at the CPUs this process may run on
-    (more threads than cores only wait for each other). 1 when built without OpenMP. Small
-    calls use fewer (see ``set_num_threads``).
+    The count given to ``set_num_threads``, else the default: OpenMP's thread count for the
+    calling thread (``OMP_NUM_THREADS``, else one per CPU), capped at the CPUs this process may
+    run on (its affinity mask), as threads beyond the cores only wait for each other. The
+    default cooperates with PyTorch: torch and based load one OpenMP runtime per process
+    (PyTorch's wheel ships ``libgomp.so.1``, the soname based links), so
+    ``torch.set_num_threads(n)`` sets based's default to ``n`` too, and the two never run two
+    thread pools against each other. 1 when based was built without OpenMP. An op may use fewer
+    (see ``set_num_threads``). Never raises.
     """
     return _C.get_num_threads()
 

@@ -62,6 +62,33 @@ def test_set_num_threads_refuses_bad_counts_and_changes_nothing(restore_threads,
     assert based.get_num_threads() == 2
 
 
+def test_set_num_threads_takes_integer_scalars_of_numpy_and_torch(restore_threads):
+    """Counts are read with operator.index: numpy (and torch) integer scalars are ints, numpy
+    and torch bools are not."""
+    import numpy as np
+
+    based.set_num_threads(np.int64(3))
+    assert based.get_num_threads() == 3
+    based.set_num_threads(np.uint8(2))
+    assert based.get_num_threads() == 2
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        based.set_num_threads(np.bool_(True))
+    with pytest.raises(TypeError, match="n must be an int, got ndarray"):
+        based.set_num_threads(np.array([4]))
+    assert based.get_num_threads() == 2
+
+
+@requires_torch
+def test_set_num_threads_takes_torch_integer_scalars(restore_threads):
+    import torch
+
+    based.set_num_threads(torch.tensor(3))
+    assert based.get_num_threads() == 3
+    with pytest.raises(TypeError, match="n must be an int, got bool"):
+        based.set_num_threads(torch.tensor(True))
+    assert based.get_num_threads() == 3
+
+
 def test_the_c_entry_point_refuses_a_negative_count(restore_threads):
     with pytest.raises(ValueError, match="n must be >= 1 .or 0 for the default., got -3"):
         based._C.set_num_threads(-3)
