@@ -183,8 +183,15 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
         const char *pf_ = (const char *)(ptr);                                                     \
         for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch(pf_ + o_, 0, 3);           \
     } while (0)
+/* the same, for writing (the lines arrive ready to be written) */
+#define BASED_WINDOW_PREFETCH_W(ptr, bytes)                                                        \
+    do {                                                                                           \
+        const char *pf_ = (const char *)(ptr);                                                     \
+        for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch(pf_ + o_, 1, 3);           \
+    } while (0)
 #else
 #define BASED_WINDOW_PREFETCH(ptr, bytes) ((void)(ptr))
+#define BASED_WINDOW_PREFETCH_W(ptr, bytes) ((void)(ptr))
 #endif
 /* helpers of the kernels: inlined, so each instantiation compiles them for its own ISA */
 #define BASED_WINDOW_INLINE static inline __attribute__((always_inline))

@@ -826,6 +826,14 @@ static void FN(window_prefill_item)(const based_sliding_window_args *c, const wi
                 else
                     FN(prefill_tile)(c, sc, 1, r0, p_first, ja, jb, cbase);
             }
+            /* the output rows of the tile, for writing, once (in the block of its last position):
+             * they arrive while the next tiles compute, and the stores at the end of the item
+             * then hit the cache instead of each waiting for its line (rows of one head are
+             * H * D elements apart, a stride the hardware prefetchers do not follow) */
+            if (pz >= ba && pz < be)
+                for (int64_t r = r0; r < r0 + R; r++)
+                    BASED_WINDOW_PREFETCH_W(based_window_row(&c->out, b, t_a + r / g_count, h0 + r % g_count),
+                                            d * c->out.itemsize);
             r0 += R;
         }
     }
