@@ -797,6 +797,10 @@ static void FN(window_prefill_item)(const based_sliding_window_args *c, const wi
     const int64_t t0 = based_tokens_at(&c->tokens, b);
     REAL *qs = (REAL *)sc->qs, *acc = (REAL *)sc->acc, *mx = (REAL *)sc->m, *l = (REAL *)sc->l;
     for (int64_t r = 0; r < rows; r++) {
+        if (r + 2 * LANES < rows) /* rows of one head are H * D elements apart: ask ahead (as in load_rows) */
+            BASED_WINDOW_PREFETCH(based_window_row(&c->q, b, t_a + (r + 2 * LANES) / g_count,
+                                                   h0 + (r + 2 * LANES) % g_count),
+                                  d * c->q.itemsize);
         FN(load_query)(c, qs + r * d, b, t_a + r / g_count, h0 + r % g_count);
         mx[r] = -INFINITY;
         l[r] = 0;
