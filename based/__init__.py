@@ -45,8 +45,8 @@ def build_info() -> dict:
 
     Keys: ``version``; ``cuda`` (compiled with nvcc: the CUDA runtime and based.Buffer on GPUs;
     the attention ops have no CUDA kernels yet), ``cuda_archs``, ``cuda_devices`` (GPUs usable
-    now); ``openmp``, ``max_threads`` (OpenMP threads the CPU kernels use; set
-    ``OMP_NUM_THREADS`` to change); ``cpu_kernels``: the CPU kernels each op runs, chosen at run
+    now); ``openmp``, ``num_threads`` (threads the CPU ops may use now: ``get_num_threads()``;
+    ``max_threads`` is its former name, the same value); ``cpu_kernels``: the CPU kernels each op runs, chosen at run
     time from the CPU -- ``{'linear_attention': 'avx2+fma' | 'generic', 'sliding_window':
     'avx512' | 'avx2' | 'generic'}``; ``BASED_CPU_ISA=generic`` forces the portable ones,
     ``BASED_CPU_ISA=avx2`` rules out AVX-512; ``limits``: the C core's limits (``max_ndim``,
@@ -54,10 +54,50 @@ def build_info() -> dict:
     ``feature_dim``).
     """
     info = dict(_C.build_info())
+    info["num_threads"] = info["max_threads"]
     info["limits"] = _C.limits()
     info["cuda_devices"] = _C.cuda_device_count()
     info["cpu_kernels"] = {"linear_attention": _C.linear_kernel_isa(), "sliding_window": _C.window_kernel_isa()}
     return info
+
+
+def set_num_threads(n: int) -> None:
+    """Sets how many threads based's CPU ops may use, for the whole process; ``0`` restores the default.
+
+    Args:
+        n: a count of threads (OpenMP worker threads, the calling one included): an int >= 1,
+            or 0 for the default (see ``get_num_threads``). numpy and torch integer scalars are
+            taken (``operator.index``); bools are not counts.
+
+    The count is an upper bound: an op runs on fewer threads when its work is small, so that
+    each thread gets at least 256 KiB of state or cache to read (decode steps, cache updates)
+    or about a million (2**20) multiply-adds (prefills); a decode step of a small model runs
+    on the calling thread. PyTorch's own thread count is not changed: call
+    ``torch.set_num_threads`` for that (by default based follows it, see ``get_num_threads``).
+    Safe to call from any thread, also while ops run (a running op keeps the count it started
+    with). CUDA ops are not affected.
+
+    Raises:
+        TypeError: ``n`` is not an int (a bool, a float, a str, ...); the message names ``n``.
+        ValueError: ``n`` < 0 or ``n`` >= 2**31; the message names ``n`` and the value.
+        Nothing is changed when it raises.
+    """
+    _C.set_num_threads(_args.as_int(n, "n", 0, 2**31 - 1))
+
+
+def get_num_threads() -> int:
+    """The number of threads a CPU op started now on this thread may use (an int >= 1).
+
+    The count given to ``set_num_threads``, else the default: OpenMP's thread count for the
+    calling thread (``OMP_NUM_THREADS``, else one per CPU), capped at the CPUs this process may
+    run on (its affinity mask), as threads beyond the cores only wait for each other. The
+    default cooperates with PyTorch: torch and based load one OpenMP runtime per process
+    (PyTorch's wheel ships ``libgomp.so.1``, the soname based links), so
+    ``torch.set_num_threads(n)`` sets based's default to ``n`` too, and the two never run two
+    thread pools against each other. 1 when based was built without OpenMP. An op may use fewer
+    (see ``set_num_threads``). Never raises.
+    """
+    return _C.get_num_threads()
 
 
 def zeros(shape, dtype: str = "float32", device="cpu") -> Buffer:
@@ -91,6 +131,8 @@ __all__ = [
     "Buffer",
     "build_info",
     "cuda_available",
+    "get_num_threads",
+    "set_num_threads",
     "feature_dim",
     "taylor_feature_map",
     "zeros",

@@ -42,6 +42,9 @@ def _common_arguments(parser, *, max_new_tokens: int, unit: str) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="weights and activations dtype (default float32); the linear-attention states stay float32")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads for PyTorch and based's kernels (torch.set_num_threads and "
+                             "based.set_num_threads); default: one per CPU, or OMP_NUM_THREADS")
 
 
 def add_arguments(parser) -> None:
@@ -83,6 +86,8 @@ def _check_args(args, torch, based) -> str | None:
         return "--max-new-tokens must be >= 1"
     if args.temperature < 0:
         return "--temperature must be >= 0"
+    if args.threads < 0:
+        return "--threads must be >= 1 (or 0 for the default)"
     if not args.prompt:
         return "--prompt must not be empty"
     if args.device == "cuda":
@@ -152,6 +157,11 @@ def _report(model, g, *, title: str, unit: str, dtype: str, device: str, load_se
     print("-" * 72)
     print(f"model            {title}, {model.num_parameters():,} parameters, "
           f"layers {'/'.join(cfg.layers)}, {dtype} on {device} (loaded in {load_seconds:.2f} s)")
+    if device == "cpu":
+        import based
+
+        print(f"CPU threads      PyTorch {torch.get_num_threads()}, based {based.get_num_threads()} "
+              f"(--threads; small calls use fewer)")
     print(f"prompt tokens    {g.prefill_tokens} ({unit})")
     print(f"prefill          {_fmt(g.prefill_tokens / max(g.prefill_seconds, 1e-9))} tokens/s "
           f"({g.prefill_tokens} tokens in {g.prefill_seconds * 1e3:.1f} ms)")
@@ -186,6 +196,11 @@ def _generate_and_report(args, model, text, *, title: str, load_seconds: float) 
         out.write(text.push(int(token[0])))
         out.flush()
 
+    if args.threads:
+        import based
+
+        torch.set_num_threads(args.threads)
+        based.set_num_threads(args.threads)
     prompt = torch.tensor([ids], dtype=torch.int64)
     # untimed warm-up on a throwaway cache: thread pools, first-touch allocations
     generate(model, prompt[:, :1], 2, temperature=0.0)

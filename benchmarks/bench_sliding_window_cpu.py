@@ -4,12 +4,20 @@ limits, measured in the same run.
     python benchmarks/bench_sliding_window_cpu.py               # the full run (~3 minutes), all cores
     python benchmarks/bench_sliding_window_cpu.py --threads 1   # one core
     python benchmarks/bench_sliding_window_cpu.py --quick       # small sizes, a few seconds
+    python benchmarks/bench_sliding_window_cpu.py --peak-only   # only the one-thread FMA-peak section (~1 minute)
 
 Prefill: based.sliding_window_prefill against torch.nn.functional.scaled_dot_product_attention
 with a boolean band mask (the exact same function, SPEC 1.2): what a PyTorch user has on the
 CPU, O(T^2) (it scores every key and masks most of them), where based does O(T * W). Useful
 work is 4 D flops per (query, key) pair in the band (scores and weighted values); the
 percentage is of the float32 FMA peak measured in the same run (benchmarks/native.c).
+
+Prefill against the FMA peak, one thread: based at W=64, D=64, T=2048 and 8192 (float32) as a
+percentage of what a large float32 torch.matmul (N x N x N, FMA-bound: MKL's GEMM) reaches on
+the same core in the same run, and of benchmarks/native.c's FMA chains (the instruction
+throughput, which no GEMM quite reaches). One thread for both, whatever --threads says: on a
+shared machine one core is easier to hold than two. The rounds alternate the reference and the
+cases, and the table gives the best and the median of the rounds.
 
 Decode (one token, cache full and wrapped): based.sliding_window_decode against a window-sized
 ring buffer in torch (write the new key and value into slot t % W, then SDPA of one query over
@@ -30,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,7 +47,9 @@ from common import (bench_args, fma_peak_gflops, machine_summary, markdown_table
                     merge_best, stream_seconds, timeit, timeit_each)
 
 ARGS = bench_args("Sliding-window attention on the CPU: based vs PyTorch.",
-                  "small sizes, for a smoke test")
+                  "small sizes, for a smoke test",
+                  lambda p: p.add_argument("--peak-only", action="store_true",
+                                           help="only the one-thread prefill against the FMA peak"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -99,6 +110,53 @@ def bench_prefill(cases, args):
                                "SDPA+mask ms", "x vs SDPA"], table)
 
     return render
+
+
+def bench_prefill_vs_peak(args):
+    """One thread: window prefill (W=64, D=64, float32) against a large torch.matmul and the
+    FMA-chain peak, alternating in every round. Returns the Markdown table and a summary line."""
+    old_based, old_torch = based.get_num_threads(), torch.get_num_threads()
+    based.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(2)
+        n = 1024 if args.quick else 2048
+        a, b_, c = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g), torch.empty(n, n)
+        matmul_flops = 2 * n**3
+        cases = [(1, 2048, 16, 64, 64)] + ([] if args.quick else [(1, 8192, 16, 64, 64)])
+        fns = {"matmul": lambda: torch.matmul(a, b_, out=c)}
+        flops = {"matmul": matmul_flops}
+        for (b, t, h, d, w) in cases:
+            q, k, v = (torch.randn(b, h, t, d, generator=g).transpose(1, 2) for _ in range(3))
+            out = torch.empty(b, t, h, d)
+            fns[(b, t, h, d, w)] = (lambda q=q, k=k, v=v, w=w, out=out:
+                                    based.sliding_window_prefill(q, k, v, window=w, out=out))
+            flops[(b, t, h, d, w)] = prefill_flops(b, t, h, d, w)
+        rates = {name: [] for name in fns}                     # GFLOP/s per round
+        chains = []
+        rounds = max(args.rounds, 2 if args.quick else 5)
+        for _ in range(rounds):
+            chains.append(fma_peak_gflops(1, repeat=2))
+            for name, r in timeit_each(fns, repeat=3, min_time=0.2).items():
+                rates[name].append(flops[name] / r["min"] / 1e9)
+        mm_best, mm_median = max(rates["matmul"]), statistics.median(rates["matmul"])
+        chain = max(chains)
+        rows = []
+        for case in cases:
+            best, median = max(rates[case]), statistics.median(rates[case])
+            per_round = [x / y for x, y in zip(rates[case], rates["matmul"])]
+            rows.append([*case, "float32", flops[case] / best / 1e6, best, f"{100 * best / mm_best:.1f}",
+                         f"{100 * statistics.median(per_round):.1f}", f"{100 * best / chain:.1f}"])
+        table = markdown_table(["B", "T", "H", "D", "W", "dtype", "based ms", "GFLOP/s",
+                                "% of matmul (best/best)", "% of matmul (median of rounds)",
+                                "% of FMA chains"], rows)
+        line = (f"One thread, {rounds} rounds. torch.matmul {n}x{n}x{n} float32: best {mm_best:.1f}, median "
+                f"{mm_median:.1f} GFLOP/s; FMA chains (benchmarks/native.c): best {chain:.1f} GFLOP/s; "
+                f"matmul reaches {100 * mm_best / chain:.0f}% of the chains.")
+        return table, line
+    finally:
+        based.set_num_threads(old_based)
+        torch.set_num_threads(old_torch)
 
 
 def decode_setup(b, h, d, w, dtype):
@@ -209,6 +267,13 @@ def main():
     threads = based.build_info()["max_threads"]
     torch.set_num_threads(threads)
     print(f"# Sliding-window attention (CPU)\n\nMachine: {machine_summary(threads)}\n")
+    peak_table, peak_line = bench_prefill_vs_peak(args)
+    print("## Prefill against the FMA peak, one thread (W=64, D=64)\n")
+    print(peak_line + "\n")
+    print(peak_table + "\n")
+    if args.peak_only:
+        print(f"Command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`")
+        return
     if args.quick:
         prefill = [(1, 512, 4, 4, 64, 65, "float32")]
         decode = [(4, 4, 64, 65, "float32")]

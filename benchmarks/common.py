@@ -26,11 +26,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def bench_args(description: str, quick_help: str) -> argparse.Namespace:
-    """The options every CPU benchmark takes (--quick, --rounds, --threads). Call it before
-    importing torch or based: --threads is applied through OMP_NUM_THREADS, which OpenMP
-    reads once, when it loads."""
+def bench_args(description: str, quick_help: str, extra: Callable | None = None) -> argparse.Namespace:
+    """The options every CPU benchmark takes (--quick, --rounds, --threads), plus those that
+    extra(parser) adds. Call it before importing torch or based: --threads is applied through
+    OMP_NUM_THREADS, which OpenMP reads once, when it loads."""
     parser = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--rounds", type=int, default=3,
                         help="repeat every measurement this many times, keep the best (default 3)")

@@ -108,8 +108,30 @@ BASED_API int based_built_with_cuda(void);
 /* Number of usable CUDA devices: 0 when built without CUDA, with no driver or no GPU.
  * Never fails; safe to call on machines without a GPU. */
 BASED_API int based_cuda_device_count(void);
-/* 1 if compiled with OpenMP; based_max_threads() is then omp_get_max_threads(). */
+/* 1 if compiled with OpenMP, else 0 (the CPU ops then run on the calling thread). */
 BASED_API int based_built_with_openmp(void);
+
+/* ---------------------------------------------------------------------------------
+ * Threads of the CPU ops
+ * --------------------------------------------------------------------------------- */
+
+/* Threads the CPU ops may use from now on, for the whole process: n >= 1, or 0 to go back
+ * to the default. Safe to call from any thread, also while ops run (a running op keeps the
+ * count it started with). VALUE_ERROR for n < 0. An op runs on fewer threads when its work
+ * is too small to keep each thread busy for a while (a decode step reading less than
+ * 256 KiB of state per thread, a short prompt): waking a thread costs microseconds on an
+ * idle machine and up to a scheduler time slice (milliseconds) on a busy one. */
+BASED_API based_status based_set_num_threads(int n);
+
+/* The threads a CPU op started now on this thread may use: the count set by
+ * based_set_num_threads, else the default, omp_get_max_threads() of the calling thread
+ * (OMP_NUM_THREADS, else one per CPU; PyTorch's torch.set_num_threads sets it too, as
+ * torch and based share the process's OpenMP runtime) capped at omp_get_num_procs()
+ * (the CPUs this process may run on): threads beyond the cores only wait for each other.
+ * 1 without OpenMP. */
+BASED_API int based_get_num_threads(void);
+
+/* based_get_num_threads() (its former name, kept). */
 BASED_API int based_max_threads(void);
 /* The compute capabilities the CUDA kernels were compiled for, ';'-separated ("80;86;89;90"),
  * or "" when built without CUDA. */

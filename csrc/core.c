@@ -3,6 +3,7 @@
  * the checks every op runs before it writes (SPEC 4).
  */
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -129,13 +130,31 @@ int based_built_with_openmp(void) {
 #endif
 }
 
-int based_max_threads(void) {
+/* The thread count of based_set_num_threads: 0 until set (or after a reset), when the
+ * default applies. One value for the whole process; atomic, so an op starting on another
+ * thread while it changes reads the old count or the new one, never a torn value. */
+static atomic_int based_threads_setting;
+
+based_status based_set_num_threads(int n) {
+    if (n < 0)
+        return based_fail(BASED_STATUS_VALUE_ERROR,
+                          "set_num_threads: n must be >= 1 (or 0 for the default), got %d", n);
+    atomic_store_explicit(&based_threads_setting, n, memory_order_relaxed);
+    return BASED_STATUS_OK;
+}
+
+int based_get_num_threads(void) {
 #ifdef _OPENMP
-    return omp_get_max_threads();
+    const int n = atomic_load_explicit(&based_threads_setting, memory_order_relaxed);
+    if (n > 0) return n;
+    const int want = omp_get_max_threads(), procs = omp_get_num_procs();
+    return want < procs ? want : procs > 0 ? procs : 1;
 #else
     return 1;
 #endif
 }
+
+int based_max_threads(void) { return based_get_num_threads(); }
 
 based_isa_cap based_cpu_isa_cap(void) {
     const char *want = getenv("BASED_CPU_ISA");
@@ -144,10 +163,26 @@ based_isa_cap based_cpu_isa_cap(void) {
     return BASED_ISA_CAP_NONE;
 }
 
-int based_threads_for(int64_t work) {
-    int n = based_max_threads();
-    if (work < n) n = work < 1 ? 1 : (int)work;
-    return n;
+/* BASED_PARALLEL_ANY_SIZE=1 in the environment (read once): no minimum work per thread, so
+ * that tests can run the thread splits of small calls. 0 unread, 1 off, 2 on. */
+static atomic_int based_any_size_setting;
+
+static int based_parallel_any_size(void) {
+    int v = atomic_load_explicit(&based_any_size_setting, memory_order_relaxed);
+    if (v == 0) {
+        const char *env = getenv("BASED_PARALLEL_ANY_SIZE");
+        v = env != NULL && strcmp(env, "1") == 0 ? 2 : 1;
+        atomic_store_explicit(&based_any_size_setting, v, memory_order_relaxed);
+    }
+    return v == 2;
+}
+
+int based_threads_for(int64_t items, int64_t work, int64_t min_per_thread) {
+    int64_t n = based_get_num_threads();
+    const int64_t by_work = min_per_thread > 0 && !based_parallel_any_size() ? work / min_per_thread : n;
+    if (by_work < n) n = by_work;
+    if (items < n) n = items;
+    return n < 1 ? 1 : (int)n;
 }
 
 /* ---------------------------------------------------------------------------------

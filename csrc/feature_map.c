@@ -92,7 +92,9 @@ based_status based_cpu_taylor_feature_map(const based_feature_map_args *a) {
     const int64_t rows = a->rows, dk = a->feature_dim;
     if (rows == 0) return BASED_STATUS_OK;
     const int lead = a->ndim - 1;
-    const int nthreads = based_threads_for(rows / 64);
+    /* memory-bound: F outputs written per row */
+    const int nthreads = based_threads_for(rows, rows * a->feature_count * based_dtype_size(a->dtype),
+                                           BASED_MIN_BYTES_PER_THREAD);
     const size_t elem = a->dtype == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
     const size_t itemsize = (size_t)based_dtype_size(a->dtype);
     const size_t row_bytes = ((size_t)dk * elem + 63u) & ~(size_t)63u;

@@ -190,8 +190,19 @@ void based_scratch_free(void *p);
 typedef enum { BASED_ISA_CAP_NONE, BASED_ISA_CAP_AVX2, BASED_ISA_CAP_GENERIC } based_isa_cap;
 based_isa_cap based_cpu_isa_cap(void);
 
-/* Number of OpenMP threads a parallel region over `work` independent items should use. */
-int based_threads_for(int64_t work);
+/* Threads for a parallel region over `items` independent items doing `work` units in all:
+ * based_get_num_threads(), fewer so that each thread gets at least min_per_thread units and
+ * at least one item; 1 at least. A region costs a few microseconds to fork and join on an
+ * idle machine, and on a busy one it waits for its slowest thread, which may not be
+ * scheduled for a time slice (milliseconds): threads only pay when each has a lot to do.
+ * BASED_PARALLEL_ANY_SIZE=1 in the environment drops the minimum (for tests). */
+int based_threads_for(int64_t items, int64_t work, int64_t min_per_thread);
+
+/* Work per thread below which a region does not start another thread (based_threads_for):
+ * bytes streamed by memory-bound loops (decode steps, cache copies: ~20 us per thread at
+ * ~10 GB/s), multiply-adds of compute-bound ones (~100 us per thread at ~10 GMAC/s). */
+#define BASED_MIN_BYTES_PER_THREAD ((int64_t)256 << 10)
+#define BASED_MIN_MACS_PER_THREAD ((int64_t)1 << 20)
 
 /* ---------------------------------------------------------------------------------
  * From checked views to the kernels' arguments (args.h)

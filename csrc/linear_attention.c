@@ -319,7 +319,9 @@ based_status based_cpu_linear_attention_prefill(const based_linear_attention_arg
                           .ld = round_up(a->value_dim, BASED_LIN_ROW_ALIGN), .ldc = round_up(C, BASED_LIN_ROW_ALIGN),
                           .scale = a->scale, .eps = a->eps, .normalize = a->normalize};
     const int64_t work = a->batch * a->heads;
-    const int nthreads = based_threads_for(work);
+    /* per token of a (b, h): the state read with phi(q) and phi(k) v folded into it, ~2 F (Dv + 1) */
+    const int64_t macs = work * a->seqlen * 2 * a->feature_count * (a->value_dim + 1);
+    const int nthreads = based_threads_for(work, macs, BASED_MIN_MACS_PER_THREAD);
     /* Each thread takes a contiguous range of (b, h) and walks the sequence chunk by chunk
      * for a group of them at once, so the pages holding a chunk's tokens (every head of a
      * token shares them in the (B, T, H, d) layout) are visited together rather than once
@@ -451,9 +453,6 @@ static inline void row_from_f64(char *p, based_dtype dt, int64_t n, int64_t stri
 BASED_LIN_DECODE_HEAD(float, f32, based_load_f32, based_store_f32, BASED_DTYPE_FLOAT32)
 BASED_LIN_DECODE_HEAD(double, f64, based_load_f64, based_store_f64, BASED_DTYPE_FLOAT64)
 
-/* Below this many state bytes a decode runs on one thread: waking a second costs more. */
-#define BASED_LIN_DECODE_MIN_BYTES_PER_THREAD (256 * 1024)
-
 based_status based_cpu_linear_attention_decode(const based_linear_attention_args *a) {
     if (a->batch == 0) return BASED_STATUS_OK;
     if (a->heads == 0) {
@@ -462,9 +461,7 @@ based_status based_cpu_linear_attention_decode(const based_linear_attention_args
     }
     const int64_t work = a->batch * a->heads;
     const int64_t state_bytes = work * a->feature_count * a->value_dim * a->kv.itemsize;
-    int nthreads = based_threads_for(work);
-    const int64_t by_size = state_bytes / BASED_LIN_DECODE_MIN_BYTES_PER_THREAD + 1;
-    if (by_size < nthreads) nthreads = (int)by_size;
+    const int nthreads = based_threads_for(work, state_bytes, BASED_MIN_BYTES_PER_THREAD);
     const size_t elem = a->compute == BASED_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
     const size_t per_thread = align64((size_t)(2 * a->feature_count + 3 * a->value_dim + 2 * a->feature_dim) * elem);
     char *scratch = based_scratch_alloc(per_thread * (size_t)nthreads);

@@ -118,7 +118,10 @@ static void convert_column(const based_linear_state_args *s, int64_t b, int64_t 
 
 based_status based_cpu_linear_state_convert(const based_linear_state_args *s) {
     const int64_t work = s->batch * s->heads;
-#pragma omp parallel for num_threads(based_threads_for(work / 8)) schedule(static)
+    const int64_t bytes = work * s->feature_count * (s->value_dim + 1) * s->kv.itemsize; /* compact side */
+    const int nthreads = based_threads_for(work, bytes, BASED_MIN_BYTES_PER_THREAD);
+    (void)nthreads; /* only the pragma reads it: unused without OpenMP */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < work; bh++) {
         const int64_t b = bh / s->heads, h = bh % s->heads;
         for (int64_t j = -1; j < s->value_dim; j++) convert_column(s, b, h, j);

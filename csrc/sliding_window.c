@@ -19,13 +19,17 @@
  *   q' = q * scale (in REAL); m = -inf, l = 0, acc = 0
  *   for each key block [KB a, KB (a+1)) meeting the window [lo, p], in order,
  *   over its keys u in J = [max(lo, KB a), min(p + 1, KB (a+1))):
- *     s_u  = sum_i q'_i k_u,i                from 0, i = 0, 1, ..., D-1
+ *     s_u  = 0; s_u = fma(q'_i, k_u,i, s_u)  for i = 0, 1, ..., D-1
  *     m'   = max(m, max_u s_u)               (NaN scores skipped)
  *     c    = m' == m ? 1 : EXP(m - m');  l = l * c;  acc = acc * c
  *     e_u  = EXP(s_u - m')
  *     l    = l + L_0 + L_1 + ... + L_15,     L_x = sum of e_u over u = x mod 16, u increasing
- *     acc  = acc + e_u v_u                   u increasing
+ *     acc  = fma(e_u, v_u, acc)              u increasing
  *   o = acc / l
+ *
+ * fma(a, b, c) is a * b + c rounded once (IEEE fusedMultiplyAdd): one instruction on the
+ * AVX-512 and AVX2 (+FMA) kernels, fmaf/fma of the C library elsewhere, so every kernel
+ * rounds the same; nothing else is fused (the C11 build does not contract a * b + c).
  *
  * Key blocks are aligned to absolute positions (not to the query's window), so the
  * rows of a tile share block boundaries, and the decode finds the same blocks in the ring.
@@ -168,12 +172,6 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
 #define KIND_BF16 1
 #define KIND_F16 2
 
-/* Prefill work below this many multiply-adds (scores and outputs) runs on one thread, as
- * does a decode step that reads less than this many bytes of cache: an OpenMP fork and
- * join costs a few microseconds, more than such a call takes. */
-#define WINDOW_PARALLEL_MIN_MACS ((int64_t)1 << 21)
-#define WINDOW_PARALLEL_MIN_BYTES ((int64_t)256 << 10)
-
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 
@@ -185,41 +183,52 @@ based_status based_sliding_window_check(based_sliding_window_args *args, const D
         const char *pf_ = (const char *)(ptr);                                                     \
         for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch(pf_ + o_, 0, 3);           \
     } while (0)
+/* the same, for writing (the lines arrive ready to be written) */
+#define BASED_WINDOW_PREFETCH_W(ptr, bytes)                                                        \
+    do {                                                                                           \
+        const char *pf_ = (const char *)(ptr);                                                     \
+        for (int64_t o_ = 0; o_ < (bytes); o_ += 64) __builtin_prefetch(pf_ + o_, 1, 3);           \
+    } while (0)
 #else
 #define BASED_WINDOW_PREFETCH(ptr, bytes) ((void)(ptr))
+#define BASED_WINDOW_PREFETCH_W(ptr, bytes) ((void)(ptr))
 #endif
 /* helpers of the kernels: inlined, so each instantiation compiles them for its own ISA */
 #define BASED_WINDOW_INLINE static inline __attribute__((always_inline))
 
 /* The steps of window_exp_f32, shared with its vector form in sliding_window_kernel.h
- * (FN(vexp)): both must do the same operations to give the same bits. x is clamped to
- * WINDOW_EXP_LO first; n = round(x / ln2) by the 1.5 * 2^23 trick; r = x - n ln2;
- * WINDOW_EXP_POLY(p, r) turns p = 1/5040 into exp(r) by Horner's rule. */
+ * (FN(vexp)): both must do the same operations to give the same bits, so they take the
+ * fused multiply-add FMA and the constant maker K of their type. x is clamped to
+ * WINDOW_EXP_LO first; n = round(x / ln2) by the 1.5 * 2^23 trick; r = x - n ln2 in two
+ * fused steps (n * 0.693359375 is exact for |n| < 2^14); WINDOW_EXP_POLY turns p = 1/5040
+ * into exp(r) by Horner's rule. */
 #define WINDOW_EXP_LO (-87.33654f)
-#define WINDOW_EXP_ROUND(x) (((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f)
-#define WINDOW_EXP_REDUCE(x, n) (((x) - (n) * 0.693359375f) - (n) * -2.12194440e-4f)
-#define WINDOW_EXP_POLY(p, r)                                                                              \
+#define WINDOW_EXP_ROUND(x, FMA, K) (FMA((x), K(1.44269504088896341f), K(12582912.0f)) - K(12582912.0f))
+#define WINDOW_EXP_REDUCE(x, n, FMA, K) FMA((n), K(2.12194440e-4f), FMA((n), K(-0.693359375f), (x)))
+#define WINDOW_EXP_POLY(p, r, FMA, K)                                                                      \
     do {                                                                                                   \
-        p = p * (r) + 1.0f / 720.0f;                                                                       \
-        p = p * (r) + 1.0f / 120.0f;                                                                       \
-        p = p * (r) + 1.0f / 24.0f;                                                                        \
-        p = p * (r) + 1.0f / 6.0f;                                                                         \
-        p = p * (r) + 0.5f;                                                                                \
-        p = p * (r) + 1.0f;                                                                                \
-        p = p * (r) + 1.0f;                                                                                \
+        p = FMA(p, (r), K(1.0f / 720.0f));                                                                 \
+        p = FMA(p, (r), K(1.0f / 120.0f));                                                                 \
+        p = FMA(p, (r), K(1.0f / 24.0f));                                                                  \
+        p = FMA(p, (r), K(1.0f / 6.0f));                                                                   \
+        p = FMA(p, (r), K(0.5f));                                                                          \
+        p = FMA(p, (r), K(1.0f));                                                                          \
+        p = FMA(p, (r), K(1.0f));                                                                          \
     } while (0)
+#define WINDOW_SCALAR(c) (c)
 
 /* exp(x) for x <= 0 or NaN in float32, in a form the compiler vectorises (libm's expf is
  * a scalar call): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by
  * its Taylor polynomial to r^7 (truncation < 0.05 ulp), 2^n built from exponent bits.
- * Measured max error 0.86 ulp over [-87.3, 0]; exp(0) == 1 exactly; results below
- * FLT_MIN (x < ln FLT_MIN) flush to 0; -inf gives 0, NaN gives NaN. */
-static inline float window_exp_f32(float x) {
+ * Measured max error 0.94 ulp over every float in (WINDOW_EXP_LO, 0] (1.22 with the
+ * multiply-adds unfused); exp(0) == 1 exactly; x <= WINDOW_EXP_LO (about ln FLT_MIN)
+ * flushes to 0; -inf gives 0, NaN gives NaN. */
+BASED_WINDOW_INLINE float window_exp_f32(float x) {
     const float xc = x > WINDOW_EXP_LO ? x : WINDOW_EXP_LO; /* NaN -> the bound: no out-of-range int conversion */
-    const float n = WINDOW_EXP_ROUND(xc);
-    const float r = WINDOW_EXP_REDUCE(xc, n);
+    const float n = WINDOW_EXP_ROUND(xc, __builtin_fmaf, WINDOW_SCALAR);
+    const float r = WINDOW_EXP_REDUCE(xc, n, __builtin_fmaf, WINDOW_SCALAR);
     float p = 1.0f / 5040.0f;
-    WINDOW_EXP_POLY(p, r);
+    WINDOW_EXP_POLY(p, r, __builtin_fmaf, WINDOW_SCALAR);
     const int32_t bits = ((int32_t)n + 127) * (1 << 23);
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
@@ -263,11 +272,14 @@ typedef struct {
     void *tile;  /* [LANES][D] key rows on their way into kt */
 } window_scratch;
 
-/* The instantiations. x86-64 with GCC: AVX-512 and AVX2 ones besides the baseline
+/* The instantiations. x86-64 with GCC: AVX-512 and AVX2 (+FMA) ones besides the baseline
  * (SSE2) one, picked at run time (window_kernels_pick). Every one does the same IEEE
- * operations in the same order, so they give the same bits. */
+ * operations in the same order, so they give the same bits: the two with vector FMA
+ * instructions fuse in vectors (VFMA), the baseline lane by lane through the C library's
+ * fmaf/fma (exact on any CPU: the FMA instruction where there is one, else in software). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define WINDOW_HAVE_X86 1
+#include <immintrin.h>
 #else
 #define WINDOW_HAVE_X86 0
 #endif
@@ -280,24 +292,27 @@ typedef struct {
 #define EXP window_exp_f32
 #define LOAD based_load_f32
 #define SCATTER based_scatter_f32
+#define SFMA __builtin_fmaf
 #if WINDOW_HAVE_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,fma")
 #define VL 16
 #define NV4 5
 #define NV1 8
 #define DV4 4
 #define DV1 8
+#define VFMA(a, b, c) ((VEC)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
 #define FN(name) CAT(name, _f32_avx512)
 #include "sliding_window_kernel.h"
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #define VL 8
 #define NV4 3
 #define NV1 6
 #define DV4 3
 #define DV1 6
+#define VFMA(a, b, c) ((VEC)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
 #define FN(name) CAT(name, _f32_avx2)
 #include "sliding_window_kernel.h"
 #pragma GCC pop_options
@@ -317,6 +332,7 @@ typedef struct {
 #undef EXP
 #undef LOAD
 #undef SCATTER
+#undef SFMA
 
 #define REAL double
 #define IREAL int64_t
@@ -326,24 +342,27 @@ typedef struct {
 #define EXP exp
 #define LOAD based_load_f64
 #define SCATTER based_scatter_f64
+#define SFMA __builtin_fma
 #if WINDOW_HAVE_X86
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,fma")
 #define VL 8
 #define NV4 4
 #define NV1 8
 #define DV4 4
 #define DV1 8
+#define VFMA(a, b, c) ((VEC)_mm512_fmadd_pd((__m512d)(a), (__m512d)(b), (__m512d)(c)))
 #define FN(name) CAT(name, _f64_avx512)
 #include "sliding_window_kernel.h"
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #define VL 4
 #define NV4 3
 #define NV1 6
 #define DV4 3
 #define DV1 6
+#define VFMA(a, b, c) ((VEC)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(c)))
 #define FN(name) CAT(name, _f64_avx2)
 #include "sliding_window_kernel.h"
 #pragma GCC pop_options
@@ -363,6 +382,7 @@ typedef struct {
 #undef EXP
 #undef LOAD
 #undef SCATTER
+#undef SFMA
 
 typedef void (*window_prefill_fn)(const based_sliding_window_args *, const window_scratch *, int64_t, int64_t, int64_t,
                                   int64_t);
@@ -383,15 +403,17 @@ static const window_kernels window_avx2 = WINDOW_KERNELS(avx2);
 static const window_kernels window_avx512 = WINDOW_KERNELS(avx512);
 #endif
 
-/* The kernels for this CPU: AVX-512 where the CPU has it, else AVX2, else the baseline.
- * BASED_CPU_ISA=generic (or avx2) in the environment caps the choice (read once). */
+/* The kernels for this CPU: AVX-512 where the CPU has it, else AVX2, else the baseline
+ * (each of the first two also needs FMA, which every such CPU has). BASED_CPU_ISA=generic
+ * (or avx2) in the environment caps the choice (read once). */
 static const window_kernels *window_kernels_pick_uncached(void) {
     const based_isa_cap cap = based_cpu_isa_cap();
     if (cap == BASED_ISA_CAP_GENERIC) return &window_generic;
 #if WINDOW_HAVE_X86
     __builtin_cpu_init();
-    if (cap != BASED_ISA_CAP_AVX2 && __builtin_cpu_supports("avx512f")) return &window_avx512;
-    if (__builtin_cpu_supports("avx2")) return &window_avx2;
+    const int fma = __builtin_cpu_supports("fma");
+    if (cap != BASED_ISA_CAP_AVX2 && fma && __builtin_cpu_supports("avx512f")) return &window_avx512;
+    if (fma && __builtin_cpu_supports("avx2")) return &window_avx2;
 #endif
     return &window_generic;
 }
@@ -407,6 +429,22 @@ static const window_kernels *window_kernels_pick(void) {
 }
 
 const char *based_window_kernel_isa(void) { return window_kernels_pick()->name; }
+
+/* Multiply-adds of a prefill call (scores and weighted values, 2 D per query and key it
+ * attends): query position p sees min(p + 1, W) keys. In double, so that no size overflows;
+ * saturated at 2^62 (only a thread count depends on it). */
+static int64_t window_prefill_macs(const based_sliding_window_args *c) {
+    const double w = (double)c->window, t = (double)c->seqlen;
+    double keys = 0;
+    for (int64_t b = 0; b < c->batch; b++) {
+        const double a = (double)based_tokens_at(&c->tokens, b), e = a + t; /* positions a .. e-1 */
+        /* positions p < W - 1 see p + 1 keys (a triangle), the others W */
+        const double tri_end = e < w - 1 ? e : (a > w - 1 ? a : w - 1);
+        keys += ((a + 1) + tri_end) * (tri_end - a) / 2 + (e - tri_end) * w;
+    }
+    const double macs = keys * (double)c->heads * (double)c->head_dim * 2;
+    return macs < 0x1p62 ? (int64_t)macs : (int64_t)1 << 62;
+}
 
 /* All outputs of a checked prefill call (the cache is read, not written). */
 static based_status window_forward(const based_sliding_window_args *c) {
@@ -425,8 +463,7 @@ static based_status window_forward(const based_sliding_window_args *c) {
     const int64_t kcp = (span + 2 * LANES - 1) / LANES * LANES;
     const int64_t rows = qb * g_count;
     const int64_t n_qblocks = (c->seqlen + qb - 1) / qb, items = c->batch * c->kv_heads * n_qblocks;
-    const int64_t macs = c->batch * c->heads * c->seqlen * (w < 4096 ? w : 4096) * d * 2;
-    const int nthreads = macs < WINDOW_PARALLEL_MIN_MACS ? 1 : based_threads_for(items);
+    const int nthreads = based_threads_for(items, window_prefill_macs(c), BASED_MIN_MACS_PER_THREAD);
 
     /* per-thread layout, each array on its own cache lines */
     const size_t sizes[8] = {(size_t)(d * kcp), (size_t)(kcp * dp), (size_t)(rows * d), (size_t)(rows * dp),
@@ -480,7 +517,7 @@ static void window_decode(const based_sliding_window_args *c) {
     const window_decode_fn item_fn = c->q.dtype == BASED_DTYPE_FLOAT64 ? kern->decode_f64 : kern->decode_f32;
     const int64_t pairs = c->batch * c->kv_heads;
     const int64_t bytes = pairs * c->window * c->head_dim * c->k.itemsize * 2;
-    const int nthreads = bytes < WINDOW_PARALLEL_MIN_BYTES ? 1 : based_threads_for(pairs);
+    const int nthreads = based_threads_for(pairs, bytes, BASED_MIN_BYTES_PER_THREAD);
     if (nthreads == 1) {
         for (int64_t bh = 0; bh < pairs; bh++) item_fn(c, bh / c->kv_heads, bh % c->kv_heads);
     } else {
@@ -505,7 +542,8 @@ static void copy_row(char *dst, int64_t dst_stride, const char *src, int64_t src
 static void window_update_cache(const based_sliding_window_args *c) {
     const int64_t T = c->seqlen, W = c->window, D = c->head_dim;
     const int64_t first = T > W ? T - W : 0, pairs = c->batch * c->kv_heads;
-    const int nthreads = based_threads_for(pairs * (T - first) * D / 4096);
+    const int64_t bytes = pairs * (T - first) * D * (c->k.itemsize + c->v.itemsize);
+    const int nthreads = based_threads_for(pairs, bytes, BASED_MIN_BYTES_PER_THREAD);
     (void)nthreads; /* only the pragma reads it: unused without OpenMP */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {

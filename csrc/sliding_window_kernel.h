@@ -12,17 +12,21 @@
  *   DV4, DV1    output vectors of a value tile of 4 rows / of 1 row
  *   EXP         exp of (score - running max), scalar; VEC_EXP is 1 when REAL is float
  *               (the softmax step then runs in vectors, window_exp_f32 lane by lane)
+ *   SFMA(a,b,c) a * b + c rounded once (fused multiply-add) on REALs
+ *   VFMA(a,b,c) the same on vectors, where the instruction set has it (optional: without
+ *               it, each lane goes through SFMA, which gives the same bits, more slowly)
  *   FN(name)    name with the type and instruction-set suffix
  *
- * VL, NV4, NV1, DV4, DV1 and FN are #undef'd at the end, ready for the next instantiation.
+ * VL, NV4, NV1, DV4, DV1, VFMA and FN are #undef'd at the end, ready for the next instantiation.
  *
  * A row is one (query position, query head). Every path computes a row with the
  * arithmetic spelled out in sliding_window.c (key blocks aligned to absolute positions,
  * scores summed over the head dim in order, per-block online softmax, weights summed in
  * LANES lanes by position mod LANES): the tiles below only decide which rows and keys are
  * computed together, never the order of any row's operations. Vectors are elementwise
- * IEEE operations, a * b + c stays unfused (ISO C mode does not contract), so every
- * instruction set gives the same bits.
+ * IEEE operations; the products that are summed (scores, weighted values, exp's polynomial)
+ * are fused multiply-adds, written out (SFMA, FN(vfma)), and nothing else is fused (ISO C
+ * mode does not contract a * b + c by itself), so every instruction set gives the same bits.
  *
  * Prefill (window_prefill_item): one work item is (sequence b, kv head kh, a block of query
  * positions) with the G query heads of kh, rows ordered position-major. For each key block
@@ -42,6 +46,21 @@
 
 #define VEC FN(vec)
 typedef REAL VEC __attribute__((vector_size(VL * sizeof(REAL)), aligned(sizeof(REAL)), may_alias));
+
+/* a * b + c rounded once, lane by lane: VFMA, else SFMA on each lane (the same bits) */
+BASED_WINDOW_INLINE VEC FN(vfma)(VEC a, VEC b, VEC c) {
+#ifdef VFMA
+    return VFMA(a, b, c);
+#else
+    VEC r = c; /* every lane is overwritten; initialised for -Wmaybe-uninitialized at -O1 */
+    for (int t = 0; t < VL; t++) r[t] = SFMA(a[t], b[t], c[t]);
+    return r;
+#endif
+}
+
+/* x in every lane: x - (+0) is x for every x (-0 and NaN included), and compiles to one
+ * broadcast (a lane-by-lane fill would be VL inserts) */
+BASED_WINDOW_INLINE VEC FN(splat)(REAL x) { return x - (VEC){0}; }
 
 /* ---------------------------------------------------------------------------------
  * Loads: element i of a row of kind KIND_NATIVE (REAL), KIND_BF16 or KIND_F16, as REAL
@@ -85,7 +104,8 @@ BASED_WINDOW_INLINE VEC FN(vload)(const void *p, int64_t i, const int kind) {
 
 /* Scores of R rows against NV vectors of keys, vectors v0 .. v0+NV-1 of a run:
  * s[m * lds + so_n + x] = sum over i of q[m * ldq + i] * k[i * ldk + ko_n + x], from 0 in
- * the order i = 0, 1, ..., d-1 (keys in lanes, so no lane ever mixes with another).
+ * the order i = 0, 1, ..., d-1, each step one fused multiply-add (keys in lanes, so no lane
+ * ever mixes with another).
  * Rows of keys (panel == 0): vector n at ko_n = so_n = (v0 + n) VL, the last one moved
  * back by `back` < VL keys (it then overlaps the one before, whose shared lanes it
  * recomputes to the same values). Panels (panel > 0): keys in blocks of LANES, each a
@@ -108,8 +128,8 @@ BASED_WINDOW_INLINE VEC FN(vload)(const void *p, int64_t i, const int kind) {
             VEC kv[NV];                                                                                    \
             for (int n = 0; n < (NV); n++) kv[n] = FN(vload)(k, i * ldk + ko[n], kind);                    \
             for (int m = 0; m < (R); m++) {                                                                \
-                const REAL x = q[m * ldq + i];                                                             \
-                for (int n = 0; n < (NV); n++) acc[m][n] = acc[m][n] + x * kv[n];                          \
+                const VEC x = FN(splat)(q[m * ldq + i]);                                                   \
+                for (int n = 0; n < (NV); n++) acc[m][n] = FN(vfma)(x, kv[n], acc[m][n]);                  \
             }                                                                                              \
         }                                                                                                  \
         for (int m = 0; m < (R); m++)                                                                      \
@@ -188,13 +208,13 @@ static void FN(qk_scalar)(int R, const REAL *q, int64_t ldq, const void *k, int6
     for (int64_t j = 0; j < n; j++)
         for (int m = 0; m < R; m++) {
             REAL a = 0;
-            for (int64_t i = 0; i < d; i++) a = a + q[m * ldq + i] * FN(sload)(k, i * ldk + col + j, kind);
+            for (int64_t i = 0; i < d; i++) a = SFMA(q[m * ldq + i], FN(sload)(k, i * ldk + col + j, kind), a);
             s[m * lds + j] = a;
         }
 }
 
-/* Outputs of R rows over DV vectors: a[m][x] += e[m * lde + j] * v[j * ldv + x] for keys
- * j = 0, 1, ..., n-1 in order (acc rows lda apart, read and written back). */
+/* Outputs of R rows over DV vectors: a[m][x] += e[m * lde + j] * v[j * ldv + x] (fused) for
+ * keys j = 0, 1, ..., n-1 in order (acc rows lda apart, read and written back). */
 #define WINDOW_PV(R, DV)                                                                                   \
     BASED_WINDOW_INLINE void FN(pv_##R##_##DV)(REAL *restrict acc, int64_t lda, const REAL *restrict e,     \
                                                int64_t lde, const void *restrict v, int64_t ldv, int64_t n, \
@@ -206,8 +226,8 @@ static void FN(qk_scalar)(int R, const REAL *q, int64_t ldq, const void *k, int6
             VEC vv[DV];                                                                                    \
             for (int x = 0; x < (DV); x++) vv[x] = FN(vload)(v, j * ldv + x * VL, kind);                   \
             for (int m = 0; m < (R); m++) {                                                                \
-                const REAL w = e[m * lde + j];                                                             \
-                for (int x = 0; x < (DV); x++) a[m][x] = a[m][x] + w * vv[x];                              \
+                const VEC w = FN(splat)(e[m * lde + j]);                                                   \
+                for (int x = 0; x < (DV); x++) a[m][x] = FN(vfma)(w, vv[x], a[m][x]);                      \
             }                                                                                              \
         }                                                                                                  \
         for (int m = 0; m < (R); m++)                                                                      \
@@ -236,8 +256,8 @@ WINDOW_PV(1, 8)
         for (int x = 0; x < (DV); x++) vv[x] = *(const VEC *)(v + j * ldv + x * VL);                       \
         for (int m = 0; m < 4; m++) {                                                                      \
             if (TEST && (j < lo[m] || j >= hi[m])) continue;                                               \
-            const REAL w = e[m * lde + j];                                                                 \
-            for (int x = 0; x < (DV); x++) a[m][x] = a[m][x] + w * vv[x];                                  \
+            const VEC w = FN(splat)(e[m * lde + j]);                                                       \
+            for (int x = 0; x < (DV); x++) a[m][x] = FN(vfma)(w, vv[x], a[m][x]);                          \
         }                                                                                                  \
     } while (0)
 #define WINDOW_PV_MASKED(DV)                                                                               \
@@ -316,7 +336,7 @@ static void FN(pv_scalar)(int R, REAL *acc, int64_t lda, const REAL *e, int64_t 
     for (int64_t j = 0; j < n; j++)
         for (int m = 0; m < R; m++) {
             const REAL w = e[m * lde + j];
-            for (int64_t i = i0; i < i0 + cnt; i++) acc[m * lda + i] = acc[m * lda + i] + w * FN(sload)(v, j * ldv + i, kind);
+            for (int64_t i = i0; i < i0 + cnt; i++) acc[m * lda + i] = SFMA(w, FN(sload)(v, j * ldv + i, kind), acc[m * lda + i]);
         }
 }
 
@@ -344,13 +364,15 @@ BASED_WINDOW_INLINE VEC FN(vselect)(FN(ivec) mask, VEC a, VEC b) {
 
 /* window_exp_f32, lane by lane (the same operations, so the same bits) */
 BASED_WINDOW_INLINE VEC FN(vexp)(VEC x) {
-    const VEC lo = (VEC){0} + WINDOW_EXP_LO;
+#define K_(c) ((VEC){0} + (c)) /* c in every lane (c != 0, so exact) */
+    const VEC lo = K_(WINDOW_EXP_LO);
     const FN(ivec) in_range = x > lo;
     const VEC xc = FN(vselect)(in_range, x, lo);
-    const VEC n = WINDOW_EXP_ROUND(xc);
-    const VEC r = WINDOW_EXP_REDUCE(xc, n);
-    VEC p = (VEC){0} + 1.0f / 5040.0f;
-    WINDOW_EXP_POLY(p, r);
+    const VEC n = WINDOW_EXP_ROUND(xc, FN(vfma), K_);
+    const VEC r = WINDOW_EXP_REDUCE(xc, n, FN(vfma), K_);
+    VEC p = K_(1.0f / 5040.0f);
+    WINDOW_EXP_POLY(p, r, FN(vfma), K_);
+#undef K_
     const FN(ivec) bits = (__builtin_convertvector(n, FN(ivec)) + 127) * (1 << 23);
     const VEC e = p * (VEC)bits;
     return FN(vselect)(in_range, e, FN(vselect)(x == x, (VEC){0}, x));
@@ -544,7 +566,7 @@ static void FN(window_decode_item)(const based_sliding_window_args *c, int64_t b
             mx[m] = -INFINITY;
             l[m] = 0;
             REAL a = 0; /* the new key's score, summed as every score is */
-            for (int64_t i = 0; i < d; i++) a = a + qm[i] * FN(sload)(kn, i * ks, kind);
+            for (int64_t i = 0; i < d; i++) a = SFMA(qm[i], FN(sload)(kn, i * ks, kind), a);
             s_new[m] = a;
         }
         /* a ring no longer than a block: the scores of all its slots in one pass, in slot order */
@@ -775,6 +797,10 @@ static void FN(window_prefill_item)(const based_sliding_window_args *c, const wi
     const int64_t t0 = based_tokens_at(&c->tokens, b);
     REAL *qs = (REAL *)sc->qs, *acc = (REAL *)sc->acc, *mx = (REAL *)sc->m, *l = (REAL *)sc->l;
     for (int64_t r = 0; r < rows; r++) {
+        if (r + 2 * LANES < rows) /* rows of one head are H * D elements apart: ask ahead (as in load_rows) */
+            BASED_WINDOW_PREFETCH(based_window_row(&c->q, b, t_a + (r + 2 * LANES) / g_count,
+                                                   h0 + (r + 2 * LANES) % g_count),
+                                  d * c->q.itemsize);
         FN(load_query)(c, qs + r * d, b, t_a + r / g_count, h0 + r % g_count);
         mx[r] = -INFINITY;
         l[r] = 0;
@@ -804,6 +830,14 @@ static void FN(window_prefill_item)(const based_sliding_window_args *c, const wi
                 else
                     FN(prefill_tile)(c, sc, 1, r0, p_first, ja, jb, cbase);
             }
+            /* the output rows of the tile, for writing, once (in the block of its last position):
+             * they arrive while the next tiles compute, and the stores at the end of the item
+             * then hit the cache instead of each waiting for its line (rows of one head are
+             * H * D elements apart, a stride the hardware prefetchers do not follow) */
+            if (pz >= ba && pz < be)
+                for (int64_t r = r0; r < r0 + R; r++)
+                    BASED_WINDOW_PREFETCH_W(based_window_row(&c->out, b, t_a + r / g_count, h0 + r % g_count),
+                                            d * c->out.itemsize);
             r0 += R;
         }
     }
@@ -812,6 +846,7 @@ static void FN(window_prefill_item)(const based_sliding_window_args *c, const wi
 
 #undef VEC
 #undef VL
+#undef VFMA
 #undef NV4
 #undef NV1
 #undef DV4

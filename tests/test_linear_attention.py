@@ -584,11 +584,15 @@ def test_kernel_isa_is_reported():
 # ---------------------------------------------------------------------------------------
 
 # Prefill then one decode step, outputs NaN-poisoned, through the C entry points; saves
-# outputs and states. B * H = 10 heads do not split evenly over 3 or 4 threads.
+# outputs and states. B * H = 10 heads do not split evenly over 3 or 4 threads. The ops are
+# asked for OMP_NUM_THREADS threads (based.set_num_threads: the default would be capped at
+# the machine's CPUs) with BASED_PARALLEL_ANY_SIZE=1, so that calls this small split at all.
 _THREADS_SCRIPT = r"""
+import os
 import sys
 import numpy as np
 from based import _C
+_C.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 rng = np.random.default_rng(21)
 b, t, h, dk, dv = 2, 70, 5, 4, 3
 f = 1 + dk + dk * (dk + 1) // 2
@@ -619,6 +623,7 @@ _OMP_ENVS = {
 
 def _run_threads_script(path, omp_env):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env["BASED_PARALLEL_ANY_SIZE"] = "1"
     run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], env={**env, **omp_env},
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -654,7 +659,8 @@ def test_thread_count_does_not_change_bits(one_thread_run, name, tmp_path):
 
 
 # A C caller's own parallel region: the kernels' regions nested inside it get one thread
-# (nesting is off) although omp_get_max_threads() says 4, against the twins called outside.
+# (nesting is off) although they ask for 4 (based_set_num_threads, BASED_PARALLEL_ANY_SIZE=1),
+# against the twins called outside.
 _NESTED_C = r"""
 #include <math.h>
 #include <omp.h>
@@ -708,12 +714,13 @@ int main(void) {
     for (int i = 0; i < 2 * B * T * H * DV; i++) o[i] = NAN;
     for (int i = 0; i < 2 * B * H * DV; i++) o1[i] = NAN;
     omp_set_max_active_levels(1);
+    based_set_num_threads(4);
     int bad = 0, asked = 0, inner = 0;
 #pragma omp parallel num_threads(2)
     {
 #pragma omp single
         {
-            asked = omp_get_max_threads();
+            asked = based_get_num_threads();
 #pragma omp parallel num_threads(4)
             {
                 if (omp_get_thread_num() == 0) inner = omp_get_num_threads();
@@ -723,7 +730,7 @@ int main(void) {
     }
     bad |= run(1, 1);
     if (bad || asked < 2 || inner != 1) {
-        printf("status %d, max threads %d, nested team %d: not the case under test\n", bad, asked, inner);
+        printf("status %d, threads asked %d, nested team %d: not the case under test\n", bad, asked, inner);
         return 1;
     }
     /* float32 compute (tests/linear_helpers.py): n u_32 with n = F + 2C + T/C + Dk = 56, times
@@ -759,7 +766,8 @@ def test_prefill_inside_a_callers_parallel_region(tmp_path):
                             f"-I{root / 'csrc'}", str(src), *sources, "-lm", "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OMP_")}, "OMP_NUM_THREADS": "4"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OMP_")}, "OMP_NUM_THREADS": "4",
+           "BASED_PARALLEL_ANY_SIZE": "1"}
     run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "nested ok" in run.stdout

@@ -404,6 +404,57 @@ def test_every_cpu_kernel_variant_gives_the_same_bits(tmp_path, isa):
         assert capped[name].tobytes() == default[name].tobytes(), f"{name}: {isa} differs from the default kernels"
 
 
+_FUSED_CASES = [(dtype, h, m, head_dim, window) for dtype, h, m in [("float32", 12, 20), ("float64", 27, 50)]
+                for head_dim, window in [(2, 2), (40, 32)]]
+
+
+def check_scores_are_fused(dtype, h, m, head_dim, window):
+    """Every kernel sums a score in fused multiply-adds, s = fma(q'_i, k_i, s) for i = 0, 1, ...
+    (sliding_window.c), in prefill and in decode, on every instruction set. Query 1 sees key 0
+    with score 2^-4 and key 1 with 1 * c + 2^m (1 + 2^-h)^2, c = -2^m (1 + 2^(1-h)): exactly
+    2^(m-2h) = 2^-4 when fused, but 0 when the product is rounded first (its last bit, 2^(m-2h),
+    is below the precision of the compute type). Equal scores give weights of exactly 1 each,
+    so out = (v_0 + v_1) / 2 = 0.5 exactly; unfused it would be 1 / (1 + e^(1/16)) = 0.484.
+    head_dim 40 with window 32 pads with zeros and takes the decode's vector paths."""
+    one = np.array(1 + 2.0**-h, dtype)
+    q = np.zeros((1, 2, 1, head_dim), dtype)
+    k = np.zeros((1, 2, 1, head_dim), dtype)
+    v = np.zeros((1, 2, 1, head_dim), dtype)
+    q[0, :, 0, :2] = [1, 2.0**m * one]
+    k[0, 0, 0, :2] = [2.0**-4, 0]
+    k[0, 1, 0, :2] = [-(2.0**m) * (1 + 2.0 ** (1 - h)), one]
+    v[0, 1] = 1
+    assert np.array(2.0**m * one * one, dtype) + k[0, 1, 0, 0] == 0  # rounded first, the score would be 0
+    want = np.full(head_dim, 0.5, dtype)
+    o, _ = based.sliding_window_prefill(q, k, v, window=window, scale=1.0)
+    assert o[0, 1, 0].tobytes() == want.tobytes(), f"prefill gave {o[0, 1, 0, :2]}"
+    _, cache = based.sliding_window_prefill(q[:, :1], k[:, :1], v[:, :1], window=window, scale=1.0)
+    o1 = based.sliding_window_decode(q[:, 1], k[:, 1], v[:, 1], cache)
+    assert o1[0, 0].tobytes() == want.tobytes(), f"decode gave {o1[0, 0, :2]}"
+
+
+@pytest.mark.parametrize("dtype, h, m, head_dim, window", _FUSED_CASES)
+def test_scores_are_sums_of_fused_multiply_adds(dtype, h, m, head_dim, window):
+    """check_scores_are_fused with the kernels picked for this CPU."""
+    check_scores_are_fused(dtype, h, m, head_dim, window)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_cpu_kernel_variant_fuses_the_scores(isa):
+    """The same with BASED_CPU_ISA capping the kernels (a fresh process: the pick is read once):
+    the baseline kernels fuse through the C library's fmaf/fma, the AVX2 ones with the FMA
+    instruction, so that they match the AVX-512 ones bit for bit (sliding_window.c)."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import based; "
+              "from test_sliding_window import _FUSED_CASES, check_scores_are_fused; "
+              "[check_scores_are_fused(*case) for case in _FUSED_CASES]; "
+              "print(based.build_info()['cpu_kernels']['sliding_window'])")
+    r = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "BASED_CPU_ISA": isa})
+    assert r.returncode == 0, r.stdout + r.stderr
+    ran = r.stdout.split()[-1]
+    assert ran == isa or (isa == "avx2" and ran == "generic"), ran  # avx2 where the CPU has it
+
+
 def test_memory_stays_fixed_over_a_long_decode():
     B, H, D, W = 2, 2, 4, 3
     rng = np.random.default_rng(16)

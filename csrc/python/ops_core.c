@@ -136,7 +136,7 @@ done:
 static PyObject *py_build_info(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
     return Py_BuildValue("{s:s,s:O,s:O,s:i,s:s}", "version", based_version(), "cuda",
                          based_built_with_cuda() ? Py_True : Py_False, "openmp",
-                         based_built_with_openmp() ? Py_True : Py_False, "max_threads", based_max_threads(),
+                         based_built_with_openmp() ? Py_True : Py_False, "max_threads", based_get_num_threads(),
                          "cuda_archs", based_cuda_archs());
 }
 
@@ -144,6 +144,24 @@ static PyObject *py_limits(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
     return Py_BuildValue("{s:i,s:i,s:i,s:i,s:L}", "max_ndim", BASED_MAX_NDIM, "max_feature_dim", BASED_MAX_FEATURE_DIM,
                          "max_chunk_size", BASED_MAX_CHUNK_SIZE, "max_head_dim", BASED_MAX_HEAD_DIM,
                          "max_feature_map_dim", (long long)BASED_MAX_FEATURE_MAP_DIM);
+}
+
+/* set_num_threads(n): n >= 1, or 0 for the default */
+static PyObject *py_set_num_threads(PyObject *Py_UNUSED(m), PyObject *arg) {
+    int64_t n;
+    if (based_py_as_int64(arg, "n", &n) < 0) return NULL;
+    if (n < INT32_MIN || n > INT32_MAX) { /* in int range, the C function checks it */
+        PyErr_Format(PyExc_ValueError, "set_num_threads: n must be >= 1 (or 0 for the default) and at most %d, "
+                     "got %lld", (int)INT32_MAX, (long long)n);
+        return NULL;
+    }
+    const based_status st = based_set_num_threads((int)n);
+    if (st != BASED_STATUS_OK) return based_py_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(based_get_num_threads());
 }
 
 static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored)) {
@@ -183,6 +201,10 @@ PyMethodDef based_core_methods[] = {
     {"limits", (PyCFunction)py_limits, METH_NOARGS,
      "limits()\n--\n\nThe C core's limits (based.h): max_ndim, max_feature_dim (Dk), max_chunk_size, max_head_dim,\n"
      "max_feature_map_dim (Dk of feature_dim)."},
+    {"set_num_threads", (PyCFunction)py_set_num_threads, METH_O,
+     "set_num_threads(n, /)\n--\n\nThreads of the CPU ops, process-wide: n >= 1, or 0 for the default."},
+    {"get_num_threads", (PyCFunction)py_get_num_threads, METH_NOARGS,
+     "get_num_threads()\n--\n\nThreads a CPU op started now on this thread may use."},
     {"cuda_device_count", (PyCFunction)py_cuda_device_count, METH_NOARGS,
      "cuda_device_count()\n--\n\nUsable CUDA devices (0 without CUDA build, driver or GPU)."},
     {"live_buffers", (PyCFunction)py_live_buffers, METH_NOARGS,
