@@ -386,7 +386,7 @@ def _decode_kernel_names(q, k, v, cache):
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         based.sliding_window_decode(q, k, v, cache)
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if "kernel" in e.name]
