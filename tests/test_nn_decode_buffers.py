@@ -8,30 +8,22 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import based  # noqa: E402
-from based.nn import BasedConfig, BasedLM, DecodeBuffer  # noqa: E402
+from based.nn import DecodeBuffer  # noqa: E402
 
 torch.set_num_threads(1)
 
-LAYERS = ["conv", "linear", "window", "linear", "window", "conv"]
+from test_nn_inference import small_model as _inference_model, tokens  # noqa: E402  (tests/ is on sys.path)
+
+LAYERS = ["conv", "linear", "window", "linear", "window", "conv"]  # the layers of test_nn_inference's model
 ATTENTION = [i for i, kind in enumerate(LAYERS) if kind != "conv"]
 
 
 def small_model(dtype=torch.float32):
-    """All three mixers, a window (5) shorter than the decode run so the ring wraps, GQA."""
-    torch.manual_seed(0)
-    cfg = BasedConfig(d_model=64, layers=LAYERS, mlp_hidden=96, linear_heads=2, linear_feature_dim=8,
-                      linear_head_dim=32, window=5, window_heads=4, window_kv_heads=2, window_head_dim=16,
-                      conv_inner=64, dropout=0.0)
-    model = BasedLM(cfg).eval().to(dtype)
-    with torch.no_grad():                   # larger weights: outputs far from uniform attention
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(4.0)
+    """test_nn_inference's model (all three mixers, a window of 5 that wraps, GQA) with
+    linear-attention value dim 32."""
+    model = _inference_model(head_dim=32, dtype=dtype)
+    assert list(model.config.layers) == LAYERS
     return model
-
-
-def tokens(b, t, seed=1):
-    return torch.randint(0, 256, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 def step_allocating(model, token, cache):
