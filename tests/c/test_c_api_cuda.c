@@ -18,17 +18,7 @@
 
 #include "based.h"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        if (!(cond)) {                                           \
-            if (++failures <= 40) {                              \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-                fprintf(stderr, __VA_ARGS__);                    \
-                fprintf(stderr, "\n");                           \
-            }                                                    \
-        }                                                        \
-    } while (0)
+#include "check.h"
 
 #define CUDA_OK(call)                                                                          \
     do {                                                                                       \

@@ -27,17 +27,7 @@
 #include "based_cuda.h"
 #include "strided.cuh"
 
-static int failures = 0;
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        if (!(cond)) {                                           \
-            if (++failures <= 40) {                              \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-                fprintf(stderr, __VA_ARGS__);                    \
-                fprintf(stderr, "\n");                           \
-            }                                                    \
-        }                                                        \
-    } while (0)
+#include "check.h"
 
 /* ---- stand-ins for the C core and the CUDA runtime -------------------------------------- */
 
