@@ -16,17 +16,7 @@
 #include "check.h"
 
 static DLTensor tensor(void *data, int ndim, int64_t *shape, int64_t *strides, uint8_t code, uint8_t bits) {
-    DLTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.device.device_type = kDLCPU;
-    t.ndim = ndim;
-    t.dtype.code = code;
-    t.dtype.bits = bits;
-    t.dtype.lanes = 1;
-    t.shape = shape;
-    t.strides = strides;
-    return t;
+    return dl_tensor(data, kDLCPU, 0, ndim, shape, strides, code, bits);
 }
 
 /* An address no host access may touch (far from anything mapped): the memory of a CUDA

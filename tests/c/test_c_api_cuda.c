@@ -32,17 +32,7 @@
 static cudaStream_t stream;
 
 static DLTensor tensor(void *data, int gpu, int ndim, int64_t *shape, uint8_t code, uint8_t bits) {
-    DLTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = data;
-    t.device.device_type = gpu ? kDLCUDA : kDLCPU;
-    t.device.device_id = 0;
-    t.ndim = ndim;
-    t.dtype.code = code;
-    t.dtype.bits = bits;
-    t.dtype.lanes = 1;
-    t.shape = shape;
-    return t;
+    return dl_tensor(data, gpu ? kDLCUDA : kDLCPU, 0, ndim, shape, NULL, code, bits);
 }
 
 static DLTensor f32(void *data, int gpu, int ndim, int64_t *shape) { return tensor(data, gpu, ndim, shape, kDLFloat, 32); }

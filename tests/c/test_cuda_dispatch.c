@@ -105,18 +105,7 @@ static char *device_address(int i) { return (char *)(((uintptr_t)1 << 44) + ((ui
 
 /* A tensor of `code`/`bits` on cuda:`id` at device_address(i), row-major unless strides. */
 static DLTensor cuda(int i, int id, int ndim, int64_t *shape, int64_t *strides, uint8_t code, uint8_t bits) {
-    DLTensor t;
-    memset(&t, 0, sizeof t);
-    t.data = device_address(i);
-    t.device.device_type = kDLCUDA;
-    t.device.device_id = id;
-    t.ndim = ndim;
-    t.dtype.code = code;
-    t.dtype.bits = bits;
-    t.dtype.lanes = 1;
-    t.shape = shape;
-    t.strides = strides;
-    return t;
+    return dl_tensor(device_address(i), kDLCUDA, id, ndim, shape, strides, code, bits);
 }
 
 static int same_strides(const based_tensor *t, int64_t s0, int64_t s1, int64_t s2, int64_t s3) {
