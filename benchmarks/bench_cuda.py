@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -37,23 +36,13 @@ import torch
 import based
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import git_commit  # noqa: E402
 RESULTS = HERE / "results"
 PLOTS = HERE / "plots"
 
 H, DK, DV = 16, 16, 64
 F = 1 + DK + DK * (DK + 1) // 2
-
-
-def commit() -> str:
-    """The commit measured: $BASED_COMMIT when set (a copy of the tree without git history),
-    else git's HEAD."""
-    if os.environ.get("BASED_COMMIT"):
-        return os.environ["BASED_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 _flush = None
@@ -333,7 +322,7 @@ def main() -> int:
         print("bench_cuda: needs a CUDA build of based and a GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    results = {"gpu": torch.cuda.get_device_name(), "commit": commit(), "torch": torch.__version__,
+    results = {"gpu": torch.cuda.get_device_name(), "commit": git_commit(), "torch": torch.__version__,
                "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
     sections = {"linear_decode": linear_decode, "window_decode": window_decode, "linear_prefill": linear_prefill,
                 "window_prefill": window_prefill}

@@ -64,14 +64,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for path in (REPO, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import based  # noqa: E402
 from based.nn import BasedConfig, BasedLM  # noqa: E402
+from common import git_commit  # noqa: E402
 
 PROMPT = 16
 GEN_TOKENS = 2048
@@ -490,7 +492,7 @@ class Run:
     def meta(self) -> dict:
         info = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "python": platform.python_version(), "torch": torch.__version__, "based": based.build_info(),
+                "commit": git_commit(), "python": platform.python_version(), "torch": torch.__version__, "based": based.build_info(),
                 "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""), "quick": self.quick,
                 "graphs": self.graphs, "prompt": PROMPT, "generated": self.gen_tokens(), "bucket": BUCKET,
                 "window_size": self.args.window_size}
@@ -1045,11 +1047,7 @@ def main(argv=None) -> int:
         if table:
             print(table)
         if args.plots and not args.check:
-            try:
-                from plot_generation import plot_all
-            except ImportError:
-                sys.path.insert(0, str(HERE))
-                from plot_generation import plot_all
+            from plot_generation import plot_all
             try:
                 for path in plot_all(run.results, args.plots):
                     print(f"plot: {path}")

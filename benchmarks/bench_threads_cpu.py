@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_name, markdown_table  # noqa: E402
+from common import cpu_name, git_commit, markdown_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,19 +109,12 @@ def supports_threads_option(build: Path) -> bool:
     return "--threads" in r.stdout
 
 
-def git_head(build: Path) -> str:
-    r = subprocess.run(["git", "-C", str(build), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(build), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return (r.stdout.strip() or "?") + (" (uncommitted changes)" if dirty else "")
-
-
 def main():
     args = parse_args()
-    builds = {f"this checkout @ {git_head(REPO)}": REPO}
+    builds = {f"this checkout @ {git_commit(REPO)}": REPO}
     if args.compare:
         other = Path(args.compare).resolve()
-        builds[args.compare_label or f"{other.name} @ {git_head(other)}"] = other
+        builds[args.compare_label or f"{other.name} @ {git_commit(other)}"] = other
     runs = []  # (build, setting, load)
     for name, path in builds.items():
         threads_ok = supports_threads_option(path)

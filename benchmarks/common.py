@@ -145,6 +145,23 @@ def stream_seconds(nbytes: int, threads: int, repeat: int = 7) -> float:
 # ---------------------------------------------------------------------------------------
 
 
+def git_commit(tree: Path = HERE.parent) -> str:
+    """The commit a benchmark measures: $BASED_COMMIT when set (for a copy of the tree whose
+    git history is stale or missing, as on the borrowed GPU machine), else the short hash of
+    HEAD in ``tree``, marked "(uncommitted changes)" when tracked files differ from it;
+    "unknown" without git."""
+    if os.environ.get("BASED_COMMIT"):
+        return os.environ["BASED_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + (" (uncommitted changes)" if head and dirty else "")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
