@@ -254,7 +254,7 @@ def bench_decode(args, threads):
 
 def main():
     args = ARGS
-    threads = based.build_info()["max_threads"]
+    threads = based.get_num_threads()
     if torch is not None:
         torch.set_num_threads(threads)
     print(f"# Linear attention (CPU)\n\nMachine: {machine_summary(threads)}; based kernels: "

@@ -264,7 +264,7 @@ def bench_decode_layers(args, h=16, d=64, w=65, dtype="float32"):
 
 def main():
     args = ARGS
-    threads = based.build_info()["max_threads"]
+    threads = based.get_num_threads()
     torch.set_num_threads(threads)
     print(f"# Sliding-window attention (CPU)\n\nMachine: {machine_summary(threads)}\n")
     peak_table, peak_line = bench_prefill_vs_peak(args)
