@@ -339,6 +339,15 @@ def test_decode_is_graph_capturable(dtype):
         _assert_same_cache(cache, cpu, f"replay {t}")
 
 
+@pytest.fixture(params=["register", "smem"])
+def decode_kernel(request, monkeypatch):
+    """Each window decode kernel in turn: "register" leaves BASED_CUDA_WINDOW_DECODE unset (the
+    register kernel takes the shapes it can), "smem" forces the shared-memory kernel."""
+    if request.param == "smem":
+        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
+    return request.param
+
+
 def _decode_steps_match_cpu(dtype, B, H, Hkv, D, W, steps):
     """Prefill 50 positions, reset every third sequence (so it fills the ring again while the
     others wrap it), then decode `steps` tokens: each step's output and cache match the CPU
@@ -367,17 +376,14 @@ def test_decode_many_items_per_block(dtype, B, H, Hkv, D, W, steps, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["register", "smem"])
 @pytest.mark.parametrize("B, H, D, W, steps", [(64, 16, 64, 64, 70), (16, 4, 128, 33, 40), (16, 8, 32, 7, 12),
                                                (8, 3, 64, 1, 3), (4, 2, 16, 64, 70)])
-def test_decode_one_head_per_kv_head(dtype, kernel, B, H, D, W, steps, monkeypatch):
+def test_decode_one_head_per_kv_head(dtype, B, H, D, W, steps, decode_kernel):
     """H = Hkv and W <= 64 with whole 16-byte rows: the register kernel takes these calls
     (rows of 64, 128 or 256 bytes), BASED_CUDA_WINDOW_DECODE=smem forces the shared-memory
     kernel; both match the CPU at every step through the ring's fill and wrap, with some
     sequences reset mid-way. D = 16 in float16/bfloat16 (32-byte rows) and D = 128 in float32
     (512-byte rows) stay on the shared-memory kernel either way."""
-    if kernel == "smem":
-        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     _decode_steps_match_cpu(dtype, B, H, H, D, W, steps)
 
 
@@ -417,13 +423,10 @@ def test_decode_kernel_choice(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["register", "smem"])
-def test_decode_never_reads_stale_slots(dtype, kernel, monkeypatch):
+def test_decode_never_reads_stale_slots(dtype, decode_kernel):
     """While the ring fills, the slots past the valid ones hold whatever was there (here NaN
     and Inf, as in a cache built from torch.empty or rewound): they are never read, so the
     outputs are finite and match the CPU's, on both kernels."""
-    if kernel == "smem":
-        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     B, H, D, W, T0 = 3, 4, 64, 8, 3
     q, k, v = _inputs(B, T0 + 3, H, H, D, dtype, seed=21)
     cache = based.SlidingWindowCache.zeros(B, H, W, D, dtype=dtype, like=q)
@@ -439,12 +442,9 @@ def test_decode_never_reads_stale_slots(dtype, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["register", "smem"])
-def test_decode_nonfinite_inputs_stay_local(dtype, kernel, monkeypatch):
+def test_decode_nonfinite_inputs_stay_local(dtype, decode_kernel):
     """Decode: an Inf value in the cache (kv head 1) and a NaN in the new key (kv head 2) reach
     exactly those heads' outputs, as on the CPU; the other heads stay finite (SPEC 4)."""
-    if kernel == "smem":
-        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     B, T, H, D, W = 2, 10, 4, 64, 8
     q, k, v = _inputs(B, T + 1, H, H, D, dtype, seed=23)
     v[:, T - 2, 1, 3] = float("inf")
@@ -460,12 +460,9 @@ def test_decode_nonfinite_inputs_stay_local(dtype, kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kernel", ["register", "smem"])
-def test_decode_counters_past_2_32(dtype, kernel, monkeypatch):
+def test_decode_counters_past_2_32(dtype, decode_kernel):
     """Counters at and past 2^32 (the kernels' slot n % W leaves its 32-bit path): the same
     outputs and cache as the CPU given the same cache."""
-    if kernel == "smem":
-        monkeypatch.setenv("BASED_CUDA_WINDOW_DECODE", "smem")
     B, H, D, W = 3, 4, 64, 7
     q, k, v = _inputs(B, W + 2, H, H, D, dtype, seed=22)
     _, cache = _prefill(q[:, :W], k[:, :W], v[:, :W], window=W)
